@@ -1,0 +1,1 @@
+"""flaxformer_lab: the transformer family tree in Flax linen."""

@@ -1,0 +1,170 @@
+"""Multi-head scaled dot-product attention with GQA/MQA, two backends and a key/value cache.
+
+Shape letters: B batch, T query length, S key length, D d_model, H query heads, G kv heads,
+R = H // G query heads per kv head, K head width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lab.models.config import ModelConfig
+from flaxformer_lab.models.layers import constrain, default_kernel_init, dtype_of, param_with_axes
+from flaxformer_lab.models.positions import apply_rope
+
+NEG_INF = -1e10  # finite: a fully masked row gives a uniform softmax instead of NaN
+
+
+def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
+                     scale: float, dropout_rate: float = 0.0, dropout_rng=None,
+                     deterministic: bool = True, dtype=jnp.float32):
+  """The reference implementation: explicit scores, float32 softmax, optional weight dropout."""
+  b, t, h, k = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k)
+  scores_BxGxRxTxS = jnp.einsum('btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxSxGxK,
+                                preferred_element_type=jnp.float32) * scale
+  if bias_BxHxTxS is not None:
+    bb = bias_BxHxTxS.shape[0]
+    scores_BxGxRxTxS = scores_BxGxRxTxS + bias_BxHxTxS.astype(jnp.float32).reshape(
+        bb, g, h // g, t, -1)
+  if mask_Bx1xTxS is not None:
+    scores_BxGxRxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, NEG_INF)
+  weights = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('bgrts,bsgk->btgrk', weights.astype(dtype), v_BxSxGxK.astype(dtype))
+  return out.reshape(b, t, h, k)
+
+
+def library_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
+                      scale: float, implementation: Optional[str]):
+  """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on GPU); GQA handled natively."""
+  return jax.nn.dot_product_attention(
+      q_BxTxHxK, k_BxSxGxK, v_BxSxGxK,
+      bias=None if bias_BxHxTxS is None else bias_BxHxTxS.astype(q_BxTxHxK.dtype),
+      mask=mask_Bx1xTxS, scale=scale, implementation=implementation)
+
+
+class Attention(nn.Module):
+  """Self- or cross-attention. In decode mode, keys/values live in the 'cache' collection.
+
+  Self-attention cache: keys/values of shape [B, S_max, G, K]; each call writes its chunk at the
+  tokens' positions (per example, so prompts of different lengths decode together). Cross-attention
+  cache: encoder keys/values, computed once when `x_kv` is given and read back when it is None.
+  """
+  cfg: ModelConfig
+  is_cross: bool = False
+  use_rope: bool = False
+  deterministic: bool = True
+  decode: bool = False
+
+  def _proj(self, name, x, heads, axes):
+    cfg = self.cfg
+    kernel = param_with_axes(self, f'{name}_kernel', default_kernel_init,
+                             (x.shape[-1], heads, cfg.head_width), ('embed',) + axes)
+    y = jnp.einsum('bld,dhk->blhk', x, kernel.astype(x.dtype))
+    if cfg.qkv_bias:
+      bias = param_with_axes(self, f'{name}_bias', nn.initializers.zeros, (heads, cfg.head_width),
+                             axes)
+      y = y + bias.astype(x.dtype)
+    return y
+
+  def _qkv(self, x_BxTxD, x_kv):
+    """Projects queries (and keys/values when `x_kv` is not None)."""
+    cfg = self.cfg
+    if cfg.fused_qkv and not self.is_cross:
+      kernel = param_with_axes(self, 'qkv_kernel', default_kernel_init,
+                               (x_BxTxD.shape[-1], 3, cfg.num_heads, cfg.head_width),
+                               ('embed', 'qkv', 'heads', 'kv'))
+      qkv = jnp.einsum('bld,dchk->cblhk', x_BxTxD, kernel.astype(x_BxTxD.dtype))
+      if cfg.qkv_bias:
+        bias = param_with_axes(self, 'qkv_bias', nn.initializers.zeros,
+                               (3, cfg.num_heads, cfg.head_width), ('qkv', 'heads', 'kv'))
+        qkv = qkv + bias[:, None, None].astype(x_BxTxD.dtype)
+      return qkv[0], qkv[1], qkv[2]
+    q = self._proj('query', x_BxTxD, cfg.num_heads, ('heads', 'kv'))
+    if x_kv is None:
+      return q, None, None
+    k = self._proj('key', x_kv, cfg.kv_heads, ('kv_heads', 'kv'))
+    v = self._proj('value', x_kv, cfg.kv_heads, ('kv_heads', 'kv'))
+    return q, k, v
+
+  @nn.compact
+  def __call__(self, x_BxTxD, x_kv_BxSxD=None, *, positions_BxT=None, mask_Bx1xTxS=None,
+               bias_BxHxTxS=None):
+    cfg = self.cfg
+    dtype = dtype_of(cfg)
+    x_BxTxD = x_BxTxD.astype(dtype)
+    if self.is_cross:
+      source = None if x_kv_BxSxD is None else x_kv_BxSxD.astype(dtype)
+    else:
+      source = x_BxTxD
+    if self.is_cross and source is None and not self.decode:
+      raise ValueError('cross-attention needs the encoder output outside decode mode')
+    q, k, v = self._qkv(x_BxTxD, source)
+
+    if self.use_rope and not self.is_cross:
+      q = apply_rope(q, positions_BxT, cfg.rope_theta, cfg.rope_fraction)
+      k = apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_fraction)
+
+    if self.decode:
+      k, v = self._update_cache(k, v, positions_BxT)
+
+    q = constrain(q, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    k = constrain(k, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    v = constrain(v, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    scale = cfg.head_width ** -0.5 if cfg.attention_scale else 1.0
+    if cfg.attention_backend == 'einsum':
+      dropout_rng = None
+      if not self.deterministic and cfg.attention_dropout_rate > 0:
+        dropout_rng = self.make_rng('dropout')
+      out = einsum_attention(q, k, v, mask_Bx1xTxS=mask_Bx1xTxS, bias_BxHxTxS=bias_BxHxTxS,
+                             scale=scale, dropout_rate=cfg.attention_dropout_rate,
+                             dropout_rng=dropout_rng, deterministic=self.deterministic,
+                             dtype=dtype)
+    else:
+      if not self.deterministic and cfg.attention_dropout_rate > 0:
+        raise ValueError(
+            f'attention_backend={cfg.attention_backend!r} has no attention-weight dropout; set '
+            'model.attention_dropout_rate=0 or use attention_backend=einsum')
+      out = library_attention(q, k, v, mask_Bx1xTxS=mask_Bx1xTxS, bias_BxHxTxS=bias_BxHxTxS,
+                              scale=scale, implementation=cfg.attention_backend)
+    out = constrain(out, ('activation_batch', 'activation_length', 'activation_heads',
+                          'activation_kv'))
+    kernel = param_with_axes(self, 'out_kernel', default_kernel_init,
+                             (cfg.num_heads, cfg.head_width, x_BxTxD.shape[-1]),
+                             ('heads', 'kv', 'embed'))
+    y = jnp.einsum('blhk,hkd->bld', out.astype(dtype), kernel.astype(dtype))
+    if cfg.out_bias:
+      y = y + param_with_axes(self, 'out_bias', nn.initializers.zeros, (x_BxTxD.shape[-1],),
+                              ('embed',)).astype(dtype)
+    return y
+
+  def _update_cache(self, k, v, positions_BxT):
+    """Writes this call's keys/values into the cache and returns the whole cache."""
+    if self.is_cross:
+      initialized = self.has_variable('cache', 'cross_key')
+      ck = self.variable('cache', 'cross_key', lambda: k)
+      cv = self.variable('cache', 'cross_value', lambda: v)
+      if k is not None:  # prefill: compute once, store
+        ck.value, cv.value = k, v
+      elif not initialized:
+        raise ValueError('cross-attention cache is empty: pass the encoder output on the first call')
+      return ck.value, cv.value
+    initialized = self.has_variable('cache', 'cached_key')
+    ck = self.variable('cache', 'cached_key', jnp.zeros_like, k)
+    cv = self.variable('cache', 'cached_value', jnp.zeros_like, v)
+    if not initialized:  # init call: the cache takes the shape of the (full-length) dummy input
+      return k, v
+    start_B = positions_BxT[:, 0].astype(jnp.int32)
+    write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype),
+                                                                  (s, 0, 0)))
+    ck.value = write(ck.value, k, start_B)
+    cv.value = write(cv.value, v, start_B)
+    return ck.value.astype(k.dtype), cv.value.astype(v.dtype)
