@@ -85,6 +85,14 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   d.num_workers = 0  # grain worker processes (0 = in the main process)
   d.eval_split = 'validation'  # split used by periodic evaluation
   d.eval_batches = 8  # batches per evaluation (0 = whole split)
+  d.max_examples = 0  # read only the first N examples of each split (0 = all); quick runs and tests
+  d.sp_input_sentence_size = 1_000_000  # lines sampled to train SentencePiece (0 = all)
+  d.mlm_probability = 0.15  # mlm: fraction of real tokens selected (80% [MASK], 10% random, 10% kept)
+  d.mlm_pairs = ''  # mlm: '' (single segments) | nsp (next-sentence) | sop (sentence-order) pair_label
+  d.synthetic_train_size = 10_000  # synthetic_*: training examples (synthetic_lm: lines of the stream)
+  d.synthetic_eval_size = 500  # synthetic_*: validation and test examples
+  d.synthetic_min_len = 2  # synthetic_*: shortest random string
+  d.synthetic_max_len = 20  # synthetic_*: longest random string
   d.update(overrides)
   return d
 

@@ -1,0 +1,365 @@
+"""Grain input pipelines: a config in, a `DataBundle` (tokenizer, train iterator, eval batches) out.
+
+Batches are dicts of numpy arrays (int32; `weights` float32), B = per-process batch:
+
+  lm              inputs, targets, segment_ids, positions [B,L]; weights [B,L]
+  seq2seq         encoder_inputs, encoder_segment_ids, encoder_positions [B,Ls];
+                  decoder_inputs, decoder_targets, decoder_segment_ids, decoder_positions,
+                  weights [B,Lt]
+  classification  inputs, segment_ids, positions, token_type_ids [B,L]; label [B];
+                  weights [B] (1 real row, 0 padding row of a final eval batch)
+  mlm             inputs, targets, weights, segment_ids, positions, token_type_ids [B,L];
+                  with config.data.mlm_pairs also pair_label [B] and pair_weights [B]
+
+segment_ids: 0 = padding, k = k-th example packed into the row; positions restart at 0 in each
+segment. lm targets are inputs shifted left by one within each segment; a stream data set
+(tiny_shakespeare, synthetic_lm) is cut into windows instead (one segment per row, no packing).
+Packing (config.data.pack) applies to lm documents, seq2seq pairs (segment k of the encoder row
+pairs with segment k of the decoder row) and single-segment mlm; never to classification or
+mlm pairs. Evaluation never packs: one example per row, so every process gets the same number
+of eval batches and no example is dropped or counted twice.
+
+Train order: examples are sharded by process (`[process_index::process_count]`), shuffled with
+config.data.shuffle_seed (reshuffled every epoch), tokenized, and (mlm) masked anew every time an
+example is read. The train iterator is grain's `DatasetIterator`: `get_state()` is a small
+JSON-serializable dict and `set_state(state)` resumes with exactly the batches that would have
+come next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from flaxformer_lab.data import preprocess
+from flaxformer_lab.data import sources as sources_lib
+from flaxformer_lab.data import tokenizers as tok_lib
+
+TASKS = ('lm', 'seq2seq', 'classification', 'mlm')
+_KINDS_OF_TASK = {  # which kinds of data set each task can read
+    'lm': ('stream', 'text', 'parallel', 'labelled'),
+    'seq2seq': ('parallel',),
+    'classification': ('labelled',),
+    'mlm': ('stream', 'text', 'parallel', 'labelled'),
+}
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
+
+
+class _Identity(grain.experimental.FlatMapTransform):
+  """Flattens the list an upstream map produced (one document -> its segments)."""
+
+  max_fan_out = 1 << 20
+
+  def flat_map(self, element):
+    return element
+
+
+@dataclasses.dataclass
+class DataBundle:
+  """Everything the train loop reads from the data pipeline."""
+
+  tokenizer: tok_lib.Tokenizer
+  train_iter: grain.DatasetIterator  # infinite; get_state()/set_state() for checkpoints
+  train_dataset: grain.IterDataset  # iter(train_dataset) gives a fresh iterator from the start
+  task: str
+  batch_size: int  # examples per batch on this process (global batch / process_count)
+  seq_len: int  # L (lm, classification, mlm) or Ls (seq2seq encoder)
+  target_len: int  # Lt (seq2seq decoder); equals seq_len for the other tasks
+  num_classes: int  # classification: number of labels; 0 otherwise
+  eval_split: str
+  _pipeline: '_Pipeline'
+  _eval_rows: dict = dataclasses.field(default_factory=dict)  # (split, max_batches) -> rows
+
+  @property
+  def vocab_size(self) -> int:
+    """The smallest vocab_size the model may have."""
+    return self.tokenizer.vocab_size
+
+  def check_vocab_size(self, model_vocab_size: int) -> None:
+    check_vocab_size(model_vocab_size, self.tokenizer)
+
+  def eval_batches(self, split: str | None = None,
+                   max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """A fresh, finite, deterministic pass over `split` (default config.data.eval_split).
+
+    One example per row; the last batch is filled with all-zero rows (weights 0). Every process
+    yields the same number of batches. `max_batches` (default config.data.eval_batches, 0 = all)
+    keeps only the first batches.
+    """
+    split = split or self.eval_split
+    if max_batches is None:
+      max_batches = self._pipeline.cfg.eval_batches
+    key = (split, max_batches)
+    if key not in self._eval_rows:
+      self._eval_rows[key] = self._pipeline.eval_rows(split, max_batches)
+    return self._pipeline.eval_batches(self._eval_rows[key])
+
+
+def check_vocab_size(model_vocab_size: int, tokenizer: tok_lib.Tokenizer) -> None:
+  """Raises a one-line ValueError when the model's vocabulary cannot hold the tokenizer's ids."""
+  if model_vocab_size < tokenizer.vocab_size:
+    raise ValueError(
+        f'config.model.vocab_size={model_vocab_size} is smaller than the {tokenizer.kind} '
+        f"tokenizer's {tokenizer.vocab_size} ids: set config.model.vocab_size to at least "
+        f'{tokenizer.vocab_size}')
+
+
+def _check_config(config: Any, kind: str, process_count: int) -> None:
+  d = config.data
+  if config.task not in TASKS:
+    raise ValueError(f'config.task={config.task!r}; the data pipeline knows {", ".join(TASKS)}')
+  if kind not in _KINDS_OF_TASK[config.task]:
+    raise ValueError(f'task {config.task!r} cannot read data set {d.name!r} (a {kind} data set); '
+                     f'it needs one of kind {", ".join(_KINDS_OF_TASK[config.task])}')
+  if config.batch_size % process_count:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{process_count} processes')
+  if d.seq_len < 4 or (d.target_len and d.target_len < 2):
+    raise ValueError('config.data.seq_len must be >= 4 and target_len 0 or >= 2')
+  if not 0 <= d.shuffle_seed < 2**32:
+    raise ValueError('config.data.shuffle_seed must be in [0, 2**32)')
+  if config.task == 'mlm' and d.mlm_pairs not in ('', 'nsp', 'sop'):
+    raise ValueError(f"config.data.mlm_pairs must be '', 'nsp' or 'sop', got {d.mlm_pairs!r}")
+
+
+class _Pipeline:
+  """The per-task element functions and the grain graphs built from them."""
+
+  def __init__(self, config: Any, source: sources_lib.Source, tokenizer: tok_lib.Tokenizer,
+               process_index: int, process_count: int):
+    self.cfg = config.data
+    self.task = config.task
+    self.source = source
+    self.spec = source.spec
+    self.tokenizer = tokenizer
+    self.process_index, self.process_count = process_index, process_count
+    self.batch_size = config.batch_size // process_count
+    self.seq_len = self.cfg.seq_len
+    self.target_len = (self.cfg.target_len or self.cfg.seq_len) if self.task == 'seq2seq' else (
+        self.seq_len)
+    self.lengths = preprocess.feature_lengths(self.task, self.seq_len, self.target_len)
+    self.pairs = self.task == 'mlm' and bool(self.cfg.mlm_pairs)
+    self.windows = self.task == 'lm' and self.spec.kind == 'stream'
+    self.pad_values = preprocess.pad_values(self.task, tokenizer)  # lm windows: inputs, targets
+
+  # --- element functions --------------------------------------------------------------------------
+
+  def stream_tokens(self, split: str) -> np.ndarray:
+    """The token stream of a stream split: its texts encoded and concatenated."""
+    ids = [i for ex in self.source.split(split) for i in self.tokenizer.encode(ex['text'])]
+    return np.asarray(ids, np.int32)
+
+  def documents(self, split: str) -> Sequence[dict]:
+    """Examples to tokenize: a stream's paragraphs for mlm, else the split itself."""
+    examples = self.source.split(split)
+    if self.spec.kind == 'stream':
+      paragraphs = [p for ex in examples for p in ex['text'].split('\n\n') if p.strip()]
+      return [{'text': p} for p in paragraphs]
+    return examples
+
+  def tokenize(self, index: int, example: dict) -> Any:
+    """One example -> a feature dict (seq2seq, classification) or a list of them (lm, mlm)."""
+    encode, text = self.tokenizer.encode, example[self.spec.text_field]
+    if self.task == 'lm':
+      return preprocess.lm_document(encode(text), self.seq_len, self.tokenizer)
+    if self.task == 'seq2seq':
+      return preprocess.seq2seq_example(encode(example[self.spec.source_field]), encode(text),
+                                        self.seq_len, self.target_len, self.tokenizer)
+    if self.task == 'classification':
+      return preprocess.classification_example(encode(text), example[self.spec.label_field],
+                                               self.seq_len, self.tokenizer)
+    budget = self.seq_len - (3 if self.pairs else 2)
+    chunks = preprocess.mlm_chunks(self.sentence_ids(example), budget, index)
+    return [c for c in chunks if len(c['tokens']) >= 2] if self.pairs else chunks
+
+  def sentence_ids(self, example: dict) -> list[list[int]]:
+    """The tokenized sentences of an mlm document."""
+    sentences = preprocess.split_sentences(example[self.spec.text_field])
+    return [ids for ids in map(self.tokenizer.encode, sentences) if ids]
+
+  def mlm_example(self, chunk: dict, rng: np.random.Generator,
+                  docs: Sequence[list[list[int]]]) -> dict[str, np.ndarray]:
+    """A chunk -> a masked mlm example (with a sentence pair when mlm_pairs is on)."""
+    if self.pairs:
+      example = preprocess.mlm_pair(chunk, rng, self.cfg.mlm_pairs,
+                                    functools.partial(self._random_segment, docs=docs),
+                                    self.tokenizer)
+    else:
+      example = preprocess.mlm_single(chunk, self.tokenizer)
+    masked = preprocess.mask_tokens(example['inputs'], rng,
+                                    probability=self.cfg.mlm_probability, tok=self.tokenizer)
+    return {**example, **masked}
+
+  def _random_segment(self, rng: np.random.Generator, max_len: int, doc: int,
+                      docs: Sequence[list[list[int]]]) -> np.ndarray:
+    """Up to max_len tokens of consecutive sentences of a random document other than `doc`."""
+    for _ in range(10):
+      j = int(rng.integers(len(docs) - 1)) if len(docs) > 1 else 0
+      j += int(len(docs) > 1 and j >= doc)
+      sentences = docs[j]
+      if sentences:
+        start = int(rng.integers(len(sentences)))
+        tokens = [t for s in sentences[start:] for t in s][:max_len]
+        return np.asarray(tokens, np.int32)
+    return preprocess.random_ordinary_ids(rng, max_len, self.tokenizer)
+
+  # --- train --------------------------------------------------------------------------------------
+
+  def _shard(self, ds: grain.MapDataset, what: str) -> grain.MapDataset:
+    ds = ds[self.process_index::self.process_count]
+    if not len(ds):
+      raise ValueError(f'{self.source.name}: process {self.process_index} of '
+                       f'{self.process_count} got no training {what}')
+    return ds
+
+  def train_dataset(self) -> grain.IterDataset:
+    """The infinite, shuffled, batched training IterDataset of this process."""
+    seed = self.cfg.shuffle_seed
+    if self.windows:
+      stream = self.stream_tokens('train')
+      n = preprocess.num_windows(len(stream), self.seq_len, full_only=True)
+      ds = self._shard(grain.MapDataset.range(n), 'windows')
+      ds = ds.shuffle(seed).repeat().map(
+          functools.partial(preprocess.lm_window, stream, seq_len=self.seq_len,
+                            pad_id=self.tokenizer.pad_id))
+      ds = ds.to_iter_dataset(_READ_OPTIONS).batch(self.batch_size, drop_remainder=True)
+      return self._with_workers(ds)
+
+    docs = self._shard(grain.MapDataset.source(self.documents('train')), 'examples')
+    tokenized = docs.map_with_index(self.tokenize)
+    ds = tokenized.shuffle(seed).repeat().to_iter_dataset(_READ_OPTIONS)
+    if self.task in ('lm', 'mlm'):
+      ds = grain.experimental.FlatMapIterDataset(ds, _Identity())
+    if self.task == 'mlm':
+      sentence_docs = docs.map(self.sentence_ids)
+      ds = ds.random_map(functools.partial(self.mlm_example, docs=sentence_docs), seed=seed)
+    if self.cfg.pack and self.task in ('lm', 'seq2seq', 'mlm') and not self.pairs:
+      ds = grain.experimental.FirstFitPackIterDataset(
+          ds, length_struct=dict(self.lengths), num_packing_bins=self.batch_size, seed=seed,
+          shuffle_bins=True, padding_struct=dict(self.pad_values))
+    else:
+      ds = ds.map(functools.partial(preprocess.pad_single, lengths=self.lengths,
+                                    values=self.pad_values))
+    ds = ds.batch(self.batch_size, drop_remainder=True)
+    ds = ds.map(functools.partial(preprocess.finalize, self.task, pairs=self.pairs))
+    return self._with_workers(ds)
+
+  def _with_workers(self, ds: grain.IterDataset) -> grain.IterDataset:
+    if self.cfg.num_workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run: defaults
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.num_workers))
+    return ds
+
+  # --- eval ---------------------------------------------------------------------------------------
+
+  def _eval_rows(self, split: str, limit: int) -> Iterator[dict[str, np.ndarray]]:
+    """Rows of `split` in order, one example each (at most `limit` rows when limit > 0)."""
+    count = 0
+    if self.windows:
+      stream = self.stream_tokens(split)
+      for i in range(preprocess.num_windows(len(stream), self.seq_len, full_only=False)):
+        if limit and count >= limit:
+          return
+        count += 1
+        yield preprocess.lm_window(stream, i, self.seq_len, self.tokenizer.pad_id)
+      return
+    docs = self.documents(split)
+    sentence_docs = _LazyMap(docs, self.sentence_ids) if self.pairs else None
+    for index, example in enumerate(docs):
+      features = self.tokenize(index, example)
+      for j, element in enumerate(features if isinstance(features, list) else [features]):
+        if limit and count >= limit:
+          return
+        if self.task == 'mlm':
+          rng = np.random.default_rng([self.cfg.shuffle_seed, index, j])
+          element = self.mlm_example(element, rng, sentence_docs)
+        count += 1
+        yield preprocess.pad_single(element, self.lengths, self.pad_values)
+
+  def eval_rows(self, split: str, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """All rows the first `max_batches` eval batches of every process need (0 = the split)."""
+    limit = max_batches * self.batch_size * self.process_count if max_batches > 0 else 0
+    rows = list(self._eval_rows(split, limit))
+    if not rows:
+      raise ValueError(f'{self.source.name}: split {split!r} gave no evaluation examples')
+    return rows
+
+  def eval_batches(self, rows: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of `rows` as batches; every process yields the same number."""
+    b = self.batch_size
+    n_batches = math.ceil(math.ceil(len(rows) / self.process_count) / b)
+    mine = rows[self.process_index::self.process_count]
+    padding = preprocess.padding_row(rows[0], self.pad_values)  # segment_ids 0 -> weights 0
+    for i in range(n_batches):
+      batch = preprocess.stack_rows(mine[i * b:(i + 1) * b], b, padding)
+      yield batch if self.windows else preprocess.finalize(self.task, batch, pairs=self.pairs)
+
+
+class _LazyMap(Sequence):
+  """`fn` over a sequence, computed on access and remembered."""
+
+  def __init__(self, items: Sequence, fn: Callable):
+    self._items, self._fn, self._cache = items, fn, {}
+
+  def __len__(self):
+    return len(self._items)
+
+  def __getitem__(self, i):
+    if i not in self._cache:
+      self._cache[i] = self._fn(self._items[i])
+    return self._cache[i]
+
+
+def text_fields(config: Any, spec: sources_lib.Spec) -> tuple[str, ...]:
+  """The fields a trained tokenizer learns from: source and target for seq2seq, else the text."""
+  if config.task == 'seq2seq':
+    return (spec.source_field, spec.text_field)
+  return (spec.text_field,)
+
+
+def load_or_train_tokenizer(config: Any, source: sources_lib.Source) -> tok_lib.Tokenizer:
+  """The configured tokenizer, trained on the training split (or loaded from its cache)."""
+  fields = text_fields(config, source.spec)
+  return tok_lib.get_tokenizer(config.data, cache_dir=source.tokenizer_cache_dir,
+                               train_texts=source.texts('train', fields), text_fields=fields)
+
+
+def prepare(config: Any) -> tok_lib.Tokenizer:
+  """Builds the data set and trains/caches the tokenizer; idempotent.
+
+  In a multi-process run call this on process 0 first (then synchronize), so that the other
+  processes find the prepared data and the cached tokenizer instead of building them too.
+  """
+  return load_or_train_tokenizer(config, sources_lib.open_source(config.data))
+
+
+def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1,
+                  tokenizer: tok_lib.Tokenizer | None = None) -> DataBundle:
+  """The data pipeline of `config` (configs/common.py `base_config()`) for one process.
+
+  Args:
+    config: the run's ConfigDict (reads config.task, config.batch_size, config.data.*).
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()); each reads a disjoint shard.
+    tokenizer: a tokenizer to use (e.g. `load_tokenizer(workdir/...)` on restore) instead of
+      the configured one.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  source = sources_lib.open_source(config.data)
+  _check_config(config, source.spec.kind, process_count)
+  tokenizer = tokenizer or load_or_train_tokenizer(config, source)
+  pipe = _Pipeline(config, source, tokenizer, process_index, process_count)
+  source.split(config.data.eval_split)  # fail now, not at the first evaluation
+  train = pipe.train_dataset()
+  return DataBundle(
+      tokenizer=tokenizer, train_iter=iter(train), train_dataset=train, task=config.task,
+      batch_size=pipe.batch_size, seq_len=pipe.seq_len, target_len=pipe.target_len,
+      num_classes=source.spec.num_classes, eval_split=config.data.eval_split, _pipeline=pipe)

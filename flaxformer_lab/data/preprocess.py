@@ -1,0 +1,289 @@
+"""Per-example preprocessing for each task: pure numpy functions that pipeline.py maps.
+
+Feature layout before batching (what grain's packer produces, and `pad_single` mimics for one
+example per row): for every sequence feature `f` of length L, `f` [L], `f_segment_ids` [L]
+(0 = padding, k = k-th example in the row) and `f_positions` [L] (restarting at 0 per segment).
+`finalize` turns a batch of that layout into the task's batch keys.
+
+Special ids (bos, eos, cls, sep, mask, ...) are read from the tokenizer passed in, so a tokenizer
+with another id layout (e.g. a pretrained vocabulary wrapped in the `Tokenizer` interface) works.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from flaxformer_lab.data import tokenizers as tok_lib
+
+_SENTENCE_END = re.compile(r'[.!?]["\')\]]*(\s+)')
+
+
+def feature_lengths(task: str, seq_len: int, target_len: int) -> dict[str, int]:
+  """Length of every packed/padded sequence feature of `task`."""
+  if task == 'lm':
+    return {'inputs': seq_len, 'targets': seq_len}
+  if task == 'seq2seq':
+    return {'encoder_inputs': seq_len, 'decoder_inputs': target_len,
+            'decoder_targets': target_len}
+  if task == 'classification':
+    return {'inputs': seq_len}
+  if task == 'mlm':
+    return {'inputs': seq_len, 'targets': seq_len, 'weights': seq_len, 'token_type_ids': seq_len}
+  raise ValueError(f"unknown task {task!r}; the data pipeline knows lm, seq2seq, "
+                   'classification and mlm')
+
+
+def pad_values(task: str, tok: tok_lib.Tokenizer) -> dict[str, int]:
+  """Value that pads each sequence feature: the tokenizer's pad id for tokens, else 0."""
+  return {k: 0 if k in ('weights', 'token_type_ids') else tok.pad_id
+          for k in feature_lengths(task, 1, 1)}
+
+
+def _i32(x) -> np.ndarray:
+  return np.asarray(x, dtype=np.int32)
+
+
+# --- lm -------------------------------------------------------------------------------------------
+
+
+def num_windows(stream_len: int, seq_len: int, *, full_only: bool) -> int:
+  """Windows of a token stream: each target position (stream[1:]) lies in exactly one."""
+  targets = max(stream_len - 1, 0)
+  return targets // seq_len if full_only else -(-targets // seq_len)
+
+
+def lm_window(stream: np.ndarray, index: int, seq_len: int,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Window `index` of a continuous token stream, already in final batch-row form.
+
+  inputs = stream[i*L : i*L+L], targets = the same shifted by one; a short last window is
+  padded with pad_id (segment_ids 0, weights 0 there).
+  """
+  start = index * seq_len
+  chunk = stream[start:start + seq_len + 1]  # [<= L+1]
+  n = len(chunk) - 1  # real targets in this window
+  real = np.arange(seq_len) < n  # [L]
+  inputs = np.full(seq_len, pad_id, np.int32)
+  targets = np.full(seq_len, pad_id, np.int32)
+  inputs[:n] = chunk[:n]
+  targets[:n] = chunk[1:n + 1]
+  return {'inputs': inputs, 'targets': targets, 'segment_ids': _i32(real),
+          'positions': _i32(np.where(real, np.arange(seq_len), 0)),
+          'weights': real.astype(np.float32)}
+
+
+def lm_document(ids: Sequence[int], seq_len: int,
+                tok: tok_lib.Tokenizer) -> list[dict[str, np.ndarray]]:
+  """A document as LM segments: [BOS] ids -> ids [EOS], cut into pieces of at most seq_len."""
+  full = _i32([tok.bos_id, *ids, tok.eos_id])
+  inputs, targets = full[:-1], full[1:]  # [n+1] each
+  return [{'inputs': inputs[s:s + seq_len], 'targets': targets[s:s + seq_len]}
+          for s in range(0, len(inputs), seq_len)]
+
+
+# --- seq2seq / classification ---------------------------------------------------------------------
+
+
+def seq2seq_example(src: Sequence[int], tgt: Sequence[int], seq_len: int, target_len: int,
+                    tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
+  """encoder: src (truncated) + EOS; decoder_inputs: BOS + tgt; decoder_targets: tgt + EOS."""
+  src = list(src)[:seq_len - 1]
+  tgt = list(tgt)[:target_len - 1]
+  return {'encoder_inputs': _i32(src + [tok.eos_id]),
+          'decoder_inputs': _i32([tok.bos_id] + tgt),
+          'decoder_targets': _i32(tgt + [tok.eos_id])}
+
+
+def classification_example(ids: Sequence[int], label: int, seq_len: int,
+                           tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
+  """[CLS] ids (truncated) [SEP] and the label."""
+  return {'inputs': _i32([tok.cls_id, *list(ids)[:seq_len - 2], tok.sep_id]),
+          'label': np.int32(label)}
+
+
+# --- mlm ------------------------------------------------------------------------------------------
+
+
+def split_sentences(text: str) -> list[str]:
+  """Sentences of `text`: cut after . ! ? (and closing quotes/brackets) followed by space.
+
+  Only the whitespace at a cut is dropped; joining the sentences with ' ' gives `text` back
+  when its whitespace was single spaces.
+  """
+  sentences, start = [], 0
+  for m in _SENTENCE_END.finditer(text):
+    sentences.append(text[start:m.start(1)])
+    start = m.end(1)
+  sentences.append(text[start:])
+  return [s for s in sentences if s.strip()]
+
+
+def mlm_chunks(sentences: Sequence[Sequence[int]], budget: int,
+               doc: int) -> list[dict[str, np.ndarray]]:
+  """Groups consecutive tokenized sentences into chunks of at most `budget` tokens.
+
+  A sentence longer than the budget is cut into budget-sized pieces. Each chunk keeps the start
+  offsets of its sentences ('bounds') so that sentence-pair tasks can cut between sentences.
+  """
+  chunks, tokens, bounds = [], [], []
+
+  def flush():
+    if tokens:
+      chunks.append({'tokens': _i32(tokens), 'bounds': _i32(bounds), 'doc': np.int32(doc)})
+
+  for sentence in sentences:
+    for s in range(0, len(sentence), budget):
+      piece = list(sentence[s:s + budget])
+      if tokens and len(tokens) + len(piece) > budget:
+        flush()
+        tokens, bounds = [], []
+      bounds.append(len(tokens))
+      tokens.extend(piece)
+  flush()
+  return chunks
+
+
+def mlm_single(chunk: dict[str, np.ndarray], tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
+  """[CLS] chunk [SEP], one token type."""
+  inputs = _i32([tok.cls_id, *chunk['tokens'], tok.sep_id])
+  return {'inputs': inputs, 'token_type_ids': np.zeros_like(inputs)}
+
+
+def mlm_pair(chunk: dict[str, np.ndarray], rng: np.random.Generator, mode: str,
+             random_segment: Callable[[np.random.Generator, int, int], np.ndarray],
+             tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
+  """[CLS] A [SEP] B [SEP] from a chunk of >= 2 tokens, with `pair_label`.
+
+  The chunk is cut between two sentences (or inside its only sentence) into A and B.
+  sop: with probability 1/2 A and B are swapped (pair_label 1), else kept in order (0).
+  nsp: with probability 1/2 B is replaced by text from another document (1), else kept (0).
+  `random_segment(rng, max_len, doc)` returns up to max_len tokens of a document other than doc.
+  """
+  tokens, bounds = chunk['tokens'], chunk['bounds']
+  if len(tokens) < 2:
+    raise ValueError('a sentence pair needs a chunk of at least 2 tokens')
+  if len(bounds) >= 2:
+    cut = int(bounds[rng.integers(1, len(bounds))])
+  else:
+    cut = int(rng.integers(1, len(tokens)))
+  a, b = tokens[:cut], tokens[cut:]
+  label = int(rng.random() < 0.5)
+  if label and mode == 'sop':
+    a, b = b, a
+  elif label and mode == 'nsp':
+    b = random_segment(rng, len(b), int(chunk['doc']))
+  elif mode not in ('sop', 'nsp'):
+    raise ValueError(f"mlm_pairs must be '', 'nsp' or 'sop', got {mode!r}")
+  inputs = _i32([tok.cls_id, *a, tok.sep_id, *b, tok.sep_id])
+  token_types = np.zeros_like(inputs)
+  token_types[len(a) + 2:] = 1  # B and its [SEP]
+  return {'inputs': inputs, 'token_type_ids': token_types, 'pair_label': np.int32(label)}
+
+
+def random_ordinary_ids(rng: np.random.Generator, n: int, tok: tok_lib.Tokenizer) -> np.ndarray:
+  """n ids drawn uniformly from the tokenizer's non-special ids."""
+  special = np.asarray(tok.special_ids)
+  ids = rng.integers(0, tok.vocab_size, size=n, dtype=np.int32)
+  while (bad := np.isin(ids, special)).any():
+    ids[bad] = rng.integers(0, tok.vocab_size, size=int(bad.sum()), dtype=np.int32)
+  return ids
+
+
+def mask_tokens(inputs: np.ndarray, rng: np.random.Generator, *, probability: float,
+                tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
+  """BERT's dynamic masking of one sequence.
+
+  Selects round(probability * n) of the n ordinary tokens (not one of `tok.special_ids`:
+  pad, bos, eos, unk, [CLS], [SEP], [MASK]) uniformly (at least one
+  when n > 0); of those, 80% become [MASK], 10% a random ordinary token, 10% stay. Returns the
+  masked 'inputs', 'targets' (the original tokens everywhere) and 'weights' (1.0 on selected).
+  """
+  inputs = _i32(inputs)
+  candidates = np.flatnonzero(~np.isin(inputs, np.asarray(tok.special_ids)))
+  n_select = min(len(candidates), max(1, int(round(probability * len(candidates)))))
+  selected = rng.choice(candidates, size=n_select, replace=False) if n_select else candidates
+  r = rng.random(len(selected))
+  masked = inputs.copy()
+  masked[selected[r < 0.8]] = tok.mask_id
+  randomized = selected[(r >= 0.8) & (r < 0.9)]
+  masked[randomized] = random_ordinary_ids(rng, len(randomized), tok)
+  weights = np.zeros(len(inputs), np.float32)
+  weights[selected] = 1.0
+  return {'inputs': masked, 'targets': inputs, 'weights': weights}
+
+
+# --- padding and final keys -----------------------------------------------------------------------
+
+
+def pad_single(example: dict[str, np.ndarray], lengths: dict[str, int],
+               values: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+  """One example per row, in the packer's layout (segment id 1 on real tokens).
+
+  Sequence features are padded to `lengths` with `values` (default 0).
+  """
+  out = {}
+  for key, value in example.items():
+    if key not in lengths:
+      out[key] = value
+      continue
+    length, n = lengths[key], len(value)
+    if n > length:
+      raise ValueError(f'{key} has {n} tokens, more than its length {length}')
+    padded = np.full(length, (values or {}).get(key, 0), dtype=value.dtype)
+    padded[:n] = value
+    out[key] = padded
+    out[f'{key}_segment_ids'] = _i32(np.arange(length) < n)
+    out[f'{key}_positions'] = _i32(np.where(np.arange(length) < n, np.arange(length), 0))
+  return out
+
+
+def finalize(task: str, batch: dict[str, np.ndarray], *, pairs: bool = False
+             ) -> dict[str, np.ndarray]:
+  """The task's batch keys from a batch in the packer's layout (see the module docstring)."""
+  if task == 'lm':
+    return {'inputs': _i32(batch['inputs']), 'targets': _i32(batch['targets']),
+            'segment_ids': _i32(batch['inputs_segment_ids']),
+            'positions': _i32(batch['inputs_positions']),
+            'weights': (batch['targets_segment_ids'] > 0).astype(np.float32)}
+  if task == 'seq2seq':
+    return {'encoder_inputs': _i32(batch['encoder_inputs']),
+            'encoder_segment_ids': _i32(batch['encoder_inputs_segment_ids']),
+            'encoder_positions': _i32(batch['encoder_inputs_positions']),
+            'decoder_inputs': _i32(batch['decoder_inputs']),
+            'decoder_targets': _i32(batch['decoder_targets']),
+            'decoder_segment_ids': _i32(batch['decoder_inputs_segment_ids']),
+            'decoder_positions': _i32(batch['decoder_inputs_positions']),
+            'weights': (batch['decoder_targets_segment_ids'] > 0).astype(np.float32)}
+  if task == 'classification':
+    segment_ids = _i32(batch['inputs_segment_ids'])
+    return {'inputs': _i32(batch['inputs']), 'segment_ids': segment_ids,
+            'positions': _i32(batch['inputs_positions']),
+            'token_type_ids': np.zeros_like(segment_ids), 'label': _i32(batch['label']),
+            'weights': (segment_ids[:, 0] > 0).astype(np.float32)}
+  if task == 'mlm':
+    out = {'inputs': _i32(batch['inputs']), 'targets': _i32(batch['targets']),
+           'weights': np.asarray(batch['weights'], np.float32),
+           'segment_ids': _i32(batch['inputs_segment_ids']),
+           'positions': _i32(batch['inputs_positions']),
+           'token_type_ids': _i32(batch['token_type_ids'])}
+    if pairs:
+      out['pair_label'] = _i32(batch['pair_label'])
+      out['pair_weights'] = (out['segment_ids'][:, 0] > 0).astype(np.float32)
+    return out
+  raise ValueError(f'unknown task {task!r}')
+
+
+def padding_row(row: dict[str, np.ndarray], values: dict[str, int]) -> dict[str, np.ndarray]:
+  """A row shaped like `row` that holds no example: segment ids 0 (so weights 0), features
+  filled with their pad `values`, everything else 0."""
+  return {k: np.full_like(v, values.get(k, 0)) for k, v in row.items()}
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int,
+               padding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacks up to batch_size rows, filling the rest with copies of `padding`."""
+  rows = list(rows) + [padding] * (batch_size - len(rows))
+  return {key: np.stack([r[key] for r in rows]) for key in padding}

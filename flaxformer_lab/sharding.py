@@ -1,0 +1,242 @@
+"""Device mesh, logical-axis shardings, global batches and multi-process start-up.
+
+Typical use in the train loop:
+
+  sharding.maybe_initialize_distributed()          # first, before anything touches JAX devices
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config)               # validated against the mesh axes
+  with sharding.use_mesh(mesh, rules):
+    boxed = jax.eval_shape(init_fn, rng)            # abstract TrainState, params still boxed
+    state_sh = sharding.state_shardings(boxed, mesh, rules)
+    state = jax.jit(lambda r: sharding.unbox(init_fn(r)), out_shardings=state_sh)(rng)
+    target = sharding.abstract_with_shardings(boxed, state_sh)   # for Checkpointer.restore
+    batch_sh = sharding.batch_sharding(mesh)
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+    for local_batch in data:                        # this process's rows, numpy
+      state, metrics = step(state, sharding.make_global_batch(local_batch, batch_sh))
+
+Axis types are Auto (the jax default is now Explicit, which breaks linen's logical constraints), and
+the mesh is entered with `jax.set_mesh` (the legacy `with mesh:` silently drops every
+`nn.with_logical_constraint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_MESH_AXES = ('data', 'fsdp')  # the leading (batch) axis of inputs is split over these
+
+# Environment of a local multi-process launch (see `maybe_initialize_distributed`).
+ENV_COORDINATOR = 'FLAXFORMER_COORDINATOR'  # host:port of process 0's coordinator
+ENV_NUM_PROCESSES = 'FLAXFORMER_NUM_PROCESSES'
+ENV_PROCESS_ID = 'FLAXFORMER_PROCESS_ID'
+ENV_NUM_CPU_DEVICES = 'FLAXFORMER_NUM_CPU_DEVICES'  # optional: CPU devices per process
+ENV_AUTO_DETECT = 'FLAXFORMER_DISTRIBUTED'  # '1': call jax.distributed.initialize() with no args
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces the single -1 of `shape` so that the product is `num_devices`; errors clearly."""
+  shape = tuple(int(s) for s in shape)
+  free = [i for i, s in enumerate(shape) if s == -1]
+  if len(free) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f'mesh.shape={shape}: use positive sizes and at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if free:
+    if num_devices % known:
+      raise ValueError(
+          f'mesh.shape={shape}: the fixed axes multiply to {known}, which does not divide the '
+          f'{num_devices} devices; change mesh.shape so the fixed sizes divide {num_devices}')
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(
+        f'mesh.shape={shape} multiplies to {math.prod(shape)} but there are {num_devices} devices '
+        f'(jax.device_count()); change mesh.shape so the product is {num_devices}, or put -1 on '
+        'one axis to fill the remaining devices')
+  return shape
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh of `config.mesh` over all global devices, with Auto axis types."""
+  names = tuple(mesh_config.axis_names)
+  if len(names) != len(tuple(mesh_config.shape)):
+    raise ValueError(f'mesh.shape={tuple(mesh_config.shape)} and mesh.axis_names={names} differ in '
+                     'length')
+  num = len(devices) if devices is not None else jax.device_count()
+  shape = resolve_mesh_shape(mesh_config.shape, num)
+  kwargs = {} if devices is None else {'devices': devices}
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                       **kwargs)
+
+
+def validate_axis_rules(rules: Sequence[tuple[str, Any]], mesh_axis_names: Sequence[str]) -> None:
+  """Raises ValueError unless every rule is (logical name, None | mesh axis | tuple of mesh axes),
+  no logical name repeats, every mesh axis exists, and no rule uses a mesh axis twice."""
+  seen = {}
+  valid = tuple(mesh_axis_names)
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f'logical_axis_rules[{i}]={rule!r}: expected (logical_name, mesh_axes)')
+    name, target = rule
+    if name in seen:
+      raise ValueError(f'logical axis {name!r} appears twice in logical_axis_rules (entries '
+                       f'{seen[name]} and {i}); keep one')
+    seen[name] = i
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for axis in axes:
+      if axis not in valid:
+        raise ValueError(f'logical axis {name!r} maps to mesh axis {axis!r}, which is not one of '
+                         f'the mesh axes {valid}')
+    if len(set(axes)) != len(axes):
+      raise ValueError(f'logical axis {name!r} maps to {axes}, which repeats a mesh axis')
+
+
+def axis_rules(config) -> tuple[tuple[str, Any], ...]:
+  """`config.logical_axis_rules` as hashable tuples, validated against `config.mesh.axis_names`."""
+  rules = tuple((name, tuple(t) if isinstance(t, list) else t)
+                for name, t in config.logical_axis_rules)
+  validate_axis_rules(rules, config.mesh.axis_names)
+  return rules
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+  """Enters `mesh` with `jax.set_mesh` and the logical axis rules (for `nn.with_logical_constraint`)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+    yield
+
+
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
+                    rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for every leaf of a boxed abstract state (from `jax.eval_shape`).
+
+  The result has the structure of the *unboxed* state (a box becomes one NamedSharding); unboxed
+  leaves (the step, optimizer counts) are replicated.
+  """
+  check_logical_names(abstract_state, rules)
+  specs = nn.get_partition_spec(abstract_state)
+  return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+
+
+def check_logical_names(boxed_tree: Any, rules: Sequence[tuple[str, Any]]) -> None:
+  """Raises ValueError naming a parameter whose logical axis has no rule (flax would silently
+  replicate that axis)."""
+  known = {name for name, _ in rules}
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=is_box)[0]:
+    if not is_box(leaf):
+      continue
+    unknown = [n for n in leaf.names if n is not None and n not in known]
+    if unknown:
+      raise ValueError(f'parameter {jax.tree_util.keystr(path)} uses logical axes {unknown} that '
+                       'have no entry in logical_axis_rules; add them (None = replicated)')
+
+
+def unbox(tree: Any) -> Any:
+  """`nn.meta.unbox`: drops the partitioning boxes (the live and saved state is always unboxed).
+
+  Under `use_mesh` each box's value gets a logical sharding constraint, which is what you want
+  inside jit (`jax.jit(lambda r: unbox(init(r)), out_shardings=...)`) but fails on
+  ShapeDtypeStructs outside jit: use `unbox_abstract` for an abstract (eval_shape'd) state.
+  """
+  return nn.meta.unbox(tree)
+
+
+def unbox_abstract(tree: Any) -> Any:
+  """Drops the boxes without sharding constraints (safe outside jit, e.g. on eval_shape output)."""
+  def strip(x):
+    while isinstance(x, nn.meta.AxisMetadata):
+      x = x.unbox(apply_constraint=False) if hasattr(x, 'get_partition_spec') else x.unbox()
+    return x
+  return jax.tree.map(strip, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  """Unboxed `jax.ShapeDtypeStruct`s carrying `shardings` (a restore target for checkpoint.py)."""
+  plain = unbox_abstract(abstract_state)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      plain, shardings)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Leading axis over ('data', 'fsdp'), the rest replicated; use for every leaf of a batch."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_MESH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Every device holds the whole array (scalars, metrics, small tables)."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def make_global_batch(local_batch: Any, sharding: jax.sharding.NamedSharding) -> Any:
+  """A global jax.Array per leaf from this process's rows (numpy), via
+  `jax.make_array_from_process_local_data`.
+
+  Each process passes its own `global_batch / process_count` rows; the global leading dimension
+  is the sum over processes. Single-process, this is a sharded device_put.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """Rows each process feeds: the global batch divided by `jax.process_count()` (must divide)."""
+  n = jax.process_count()
+  if global_batch_size % n:
+    raise ValueError(f'batch_size={global_batch_size} is not divisible by the {n} processes')
+  return global_batch_size // n
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize` when the environment says this is a multi-process launch.
+
+  Call it first, before any JAX computation or device query. Returns True when initialized here.
+
+  Environment variables:
+    FLAXFORMER_COORDINATOR=host:port, FLAXFORMER_NUM_PROCESSES=N, FLAXFORMER_PROCESS_ID=i
+        an explicit launch (e.g. several processes on one CPU machine). CPU collectives use gloo.
+    FLAXFORMER_NUM_CPU_DEVICES=k
+        optional, any launch: k CPU devices per process (`jax_num_cpu_devices`).
+    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster that JAX
+    auto-detects: SLURM, Open MPI, TPU pods), or FLAXFORMER_DISTRIBUTED=1
+        `jax.distributed.initialize()` with JAX's own environment/cluster auto-detection.
+  Without any of these (or with FLAXFORMER_NUM_PROCESSES=1) nothing is initialized.
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return False
+  if env.get(ENV_NUM_CPU_DEVICES):
+    num_cpu = int(env[ENV_NUM_CPU_DEVICES])
+    if jax.config.jax_num_cpu_devices != num_cpu:  # settable only before JAX starts its backends
+      jax.config.update('jax_num_cpu_devices', num_cpu)
+  if env.get(ENV_COORDINATOR):
+    missing = [k for k in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not env.get(k)]
+    if missing:
+      raise ValueError(f'{ENV_COORDINATOR} is set but {", ".join(missing)} is not')
+    num = int(env[ENV_NUM_PROCESSES])
+    if num <= 1:
+      return False
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    pid = int(env[ENV_PROCESS_ID])
+    logging.info('jax.distributed.initialize(%s, num_processes=%d, process_id=%d)',
+                 env[ENV_COORDINATOR], num, pid)
+    jax.distributed.initialize(env[ENV_COORDINATOR], num_processes=num, process_id=pid)
+    return True
+  if env.get('JAX_COORDINATOR_ADDRESS') or env.get(ENV_AUTO_DETECT) == '1':
+    if env.get('JAX_NUM_PROCESSES') == '1':
+      return False
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    num = env.get('JAX_NUM_PROCESSES')
+    pid = env.get('JAX_PROCESS_ID')
+    jax.distributed.initialize(
+        num_processes=int(num) if num else None, process_id=int(pid) if pid else None)
+    return True
+  return False
