@@ -173,4 +173,5 @@ def base_config(model: ml_collections.ConfigDict | None = None) -> ml_collection
   c.bleu_every = 0  # encoder_decoder: steps between BLEU evaluations (0 = off)
   c.sample_every = 0  # decoder: steps between printed samples (0 = off)
   c.progress = 'auto'  # auto | bar | lines | off
+  c.stop_at_step = 0  # save and exit after this step as if preempted (0 = run to num_steps)
   return c

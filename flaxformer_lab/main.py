@@ -39,15 +39,27 @@ def _valid_keys(config, prefix=''):
   return out
 
 
+def _config_from_argv(argv):
+  """Loads the --config file directly (flag parsing failed, so the flag holds no value)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec_arg = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
+  if not spec_arg:
+    return None
+  path, _, arg = spec_arg.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_lab_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def _explain_flag_error(error: Exception, argv) -> str:
   """One line naming the bad key and the closest valid keys."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  text = ' '.join(str(error).replace('\\n', ' ').split()) or type(error).__name__
   bad = [a.split('=', 1)[0][len('--config.'):] for a in argv[1:] if a.startswith('--config.')]
-  config = None
-  try:
-    config = FLAGS['config'].value
-  except Exception:  # pylint: disable=broad-except
-    pass
+  config = _config_from_argv(argv)
   if config is not None:
     valid = _valid_keys(config)
     for key in bad:
@@ -78,6 +90,8 @@ def main(argv):
     fail('--workdir is required')
   if _CONFIG.value is None:
     fail('--config is required (e.g. --config=configs/gpt2.py:tiny)')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter off; --verbosity=0 brings it back
   sharding.maybe_initialize_distributed()
   from flaxformer_lab import train  # pylint: disable=g-import-not-at-top
   from flaxformer_lab.models.config import ConfigError  # pylint: disable=g-import-not-at-top

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,12 @@ from flaxformer_lab.tasks import get_task
 
 TOKENIZER_DIR = 'tokenizer'
 CONFIG_FILE = 'config.json'
+
+
+def _say(text: str) -> None:
+  """A line for the researcher on stderr (process 0), whatever the log verbosity."""
+  if jax.process_index() == 0:
+    print(text, file=sys.stderr, flush=True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,7 +160,7 @@ def init_from(config, setup: Setup, state):
   else:
     loaded, fresh = load_params(source), ()
   params = merge_params(jax.device_get(state['params']), loaded, allowed_missing=fresh)
-  logging.info('init_from %s; freshly initialized: %s', source, list(fresh) or 'nothing')
+  _say(f'initialized from {source}; freshly initialized: {", ".join(fresh) or "nothing"}')
   return _replace_params(state, params, setup)
 
 
@@ -323,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, data_state = ckpt.restore(start, setup.abstract_state)
     if data_state is not None:
       data.train_iter.set_state(data_state)
-    logging.info('resumed from step %d', start)
+    _say(f'resumed from step {start} ({ckpt.directory})')
   else:
     start = 0
     state = create_state(config, setup)
@@ -376,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.progress(step)
         at_eval = config.eval_every and step % config.eval_every == 0
         at_ckpt = config.checkpoint_every and step % config.checkpoint_every == 0
-        stop = guard.should_stop(step)
+        stop = guard.should_stop(step) or step == config.get('stop_at_step', 0)
         if at_ckpt or stop or at_eval:
           flush_metrics()  # waits for this step: its loss is checked before anything is saved
         if at_eval and step != config.num_steps:
@@ -386,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if at_ckpt or stop:
           ckpt.maybe_save(step, state, data.train_iter.get_state, force=stop)
         if stop:
-          writer.write_text(f'preemption signal: saved step {step}, exiting')
+          writer.write_text(f'stopping early: saved step {step}; rerun the command to resume')
           return final
       # End of training.
       step = config.num_steps

@@ -115,6 +115,7 @@ class Transformer(nn.Module):
                encoded=None, cross_mask=None)
     return self.encoder(x, aux)
 
+  @nn.compact  # decode mode creates the 'key_positions' cache variable here, outside setup()
   def decode_hidden(self, input_ids, segment_ids=None, positions=None, encoded=None,
                     encoder_segment_ids=None, token_type_ids=None, language_ids=None):
     """Causal stack over the target (with cross-attention to `encoded` for encoder_decoder).
