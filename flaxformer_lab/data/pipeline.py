@@ -19,7 +19,7 @@ pairs with segment k of the decoder row) and single-segment mlm; never to classi
 mlm pairs. Evaluation never packs: one example per row, so every process gets the same number
 of eval batches and no example is dropped or counted twice.
 
-Train order: examples are sharded by process (`[process_index::process_count]`), shuffled with
+Train order: every process builds the same global batches and keeps its rows; shuffled with
 config.data.shuffle_seed (reshuffled every epoch), tokenized, and (mlm) masked anew every time an
 example is read. The train iterator is grain's `DatasetIterator`: `get_state()` is a small
 JSON-serializable dict and `set_state(state)` resumes with exactly the batches that would have
@@ -219,19 +219,24 @@ class _Pipeline:
     return ds
 
   def train_dataset(self) -> grain.IterDataset:
-    """The infinite, shuffled, batched training IterDataset of this process."""
+    """The infinite, shuffled, batched training IterDataset of this process.
+
+    Every process builds the same global batches and keeps its own contiguous rows, so a run's
+    data (and so its losses) do not depend on the number of processes: 1 process x 8 devices and
+    2 processes x 4 devices see identical global batches.
+    """
     seed = self.cfg.shuffle_seed
     if self.windows:
       stream = self.stream_tokens('train')
       n = preprocess.num_windows(len(stream), self.seq_len, full_only=True)
-      ds = self._shard(grain.MapDataset.range(n), 'windows')
+      ds = grain.MapDataset.range(n)
       ds = ds.shuffle(seed).repeat().map(
           functools.partial(preprocess.lm_window, stream, seq_len=self.seq_len,
                             pad_id=self.tokenizer.pad_id))
-      ds = ds.to_iter_dataset(_READ_OPTIONS).batch(self.batch_size, drop_remainder=True)
-      return self._with_workers(ds)
+      ds = ds.to_iter_dataset(_READ_OPTIONS).batch(self.global_batch_size, drop_remainder=True)
+      return self._with_workers(ds.map(self._process_rows))
 
-    docs = self._shard(grain.MapDataset.source(self.documents('train')), 'examples')
+    docs = grain.MapDataset.source(self.documents('train'))
     tokenized = docs.map_with_index(self.tokenize)
     ds = tokenized.shuffle(seed).repeat().to_iter_dataset(_READ_OPTIONS)
     if self.task in ('lm', 'mlm'):
@@ -241,14 +246,23 @@ class _Pipeline:
       ds = ds.random_map(functools.partial(self.mlm_example, docs=sentence_docs), seed=seed)
     if self.cfg.pack and self.task in ('lm', 'seq2seq', 'mlm') and not self.pairs:
       ds = grain.experimental.FirstFitPackIterDataset(
-          ds, length_struct=dict(self.lengths), num_packing_bins=self.batch_size, seed=seed,
+          ds, length_struct=dict(self.lengths), num_packing_bins=self.global_batch_size, seed=seed,
           shuffle_bins=True, padding_struct=dict(self.pad_values))
     else:
       ds = ds.map(functools.partial(preprocess.pad_single, lengths=self.lengths,
                                     values=self.pad_values))
-    ds = ds.batch(self.batch_size, drop_remainder=True)
+    ds = ds.batch(self.global_batch_size, drop_remainder=True)
     ds = ds.map(functools.partial(preprocess.finalize, self.task, pairs=self.pairs))
-    return self._with_workers(ds)
+    return self._with_workers(ds.map(self._process_rows))
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.batch_size * self.process_count
+
+  def _process_rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of a global batch."""
+    lo = self.process_index * self.batch_size
+    return {k: v[lo:lo + self.batch_size] for k, v in batch.items()}
 
   def _with_workers(self, ds: grain.IterDataset) -> grain.IterDataset:
     if self.cfg.num_workers > 0:
