@@ -2,7 +2,7 @@
 
 How a sequence is decoded (every family that has a causal decoder: decoder, encoder_decoder):
 
-  cache   = init_cache(cfg, batch, cache_len, source_len)   # model.init(decode=True) on [B, S_max]
+  cache   = init_cache(cfg, params, batch, cache_len, source_len)  # decode-mode init on [B, S_max]
   logits, cache = prefill(...)    # the whole right-padded prompt in one call; the logits of each
                                   # example's last real prompt token ([B, V])
   loop:   logits, cache = decode_step(cfg, params, cache, token_B, position_B)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -63,29 +63,32 @@ def _decode_model(cfg: ModelConfig) -> Transformer:
 # --------------------------------------------------------------------------------------------------
 # The cache and the two model calls.
 # --------------------------------------------------------------------------------------------------
-def init_cache(cfg: ModelConfig, batch: int, cache_len: int, source_len: int = 0) -> Any:
-  """A zero cache for `batch` sequences of up to `cache_len` tokens (and `source_len` sources).
+def init_cache(cfg: ModelConfig, params: Any, batch: int, cache_len: int,
+               source_len: int = 0) -> Any:
+  """An empty cache for `batch` sequences of up to `cache_len` tokens (and `source_len` sources).
 
-  Made the way the model defines it: `model.init` with decode=True on a full-length dummy input;
-  only `variables['cache']` is kept (under jit the unused parameter init is dead code).
+  Made by the model's own variable initializers: a decode-mode call on a full-length dummy input
+  ([batch, cache_len]) with the 'cache' collection mutable, which is what `model.init` with
+  decode=True does, minus the random parameter init (slow to compile; the given params are used).
+  Under jit the dummy forward pass is dead code. Leaves: per layer `cached_key`/`cached_value`
+  [B, S, G, K] (and `cross_key`/`cross_value` for an encoder_decoder), and `key_positions` [S].
   """
   model = _decode_model(cfg)
   ids = jnp.zeros((batch, cache_len), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), ids.shape)
   if cfg.family == 'encoder_decoder':
     src = jnp.ones((batch, max(source_len, 1)), jnp.int32)
-    variables = model.init(jax.random.PRNGKey(0), src, decoder_input_ids=ids,
-                           decoder_positions=pos)
+    _, variables = model.apply({'params': params}, src, decoder_input_ids=ids,
+                               decoder_positions=pos, mutable=['cache'])
   else:
-    variables = model.init(jax.random.PRNGKey(0), ids, positions=pos)
+    _, variables = model.apply({'params': params}, ids, positions=pos, mutable=['cache'])
   return variables['cache']
 
 
-@functools.lru_cache(maxsize=64)
-def _cache_batch_axes(cfg: ModelConfig, cache_len: int, source_len: int) -> Any:
+def _cache_batch_axes(cfg: ModelConfig, params: Any, cache_len: int, source_len: int) -> Any:
   """For each cache leaf, the index of its batch axis (found by comparing two batch sizes), or -1."""
-  a = jax.eval_shape(lambda: init_cache(cfg, 2, cache_len, source_len))
-  b = jax.eval_shape(lambda: init_cache(cfg, 3, cache_len, source_len))
+  a = jax.eval_shape(lambda p: init_cache(cfg, p, 2, cache_len, source_len), params)
+  b = jax.eval_shape(lambda p: init_cache(cfg, p, 3, cache_len, source_len), params)
 
   def axis(x, y):
     diff = [i for i, (m, n) in enumerate(zip(x.shape, y.shape)) if m != n]
@@ -144,14 +147,20 @@ def decode_step(cfg: ModelConfig, params: Any, cache: Any, tokens_B: jax.Array,
 # --------------------------------------------------------------------------------------------------
 # Token choice.
 # --------------------------------------------------------------------------------------------------
-def filter_logits(logits_BxV: jax.Array, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Temperature, then top-k, then nucleus (top-p) filtering; removed tokens get -inf."""
+def filter_logits(logits_BxV: jax.Array, temperature: Any = 1.0, top_k: int = 0,
+                  top_p: Any = 1.0, use_top_p: Optional[bool] = None) -> jax.Array:
+  """Temperature, then top-k, then nucleus (top-p) filtering; removed tokens get -inf.
+
+  `temperature` and `top_p` may be traced values; `top_k` is static, and so is `use_top_p`
+  (default: `top_p < 1`, which needs a concrete top_p).
+  """
   logits = logits_BxV.astype(jnp.float32) / temperature
   if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
+  if use_top_p is None:
+    use_top_p = top_p < 1.0
+  if use_top_p:
     sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_BxV, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
@@ -161,38 +170,45 @@ def filter_logits(logits_BxV: jax.Array, temperature: float = 1.0, top_k: int = 
   return logits
 
 
-def length_penalty_factor(length, alpha: float):
+def length_penalty_factor(length, alpha):
   """GNMT / t5x brevity penalty ((5 + length) / 6) ** alpha; scores are log-probs divided by it."""
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def _is_stop(tokens, stop_ids: tuple[int, ...]):
-  if not stop_ids:
-    return jnp.zeros(tokens.shape, bool)
-  return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
+def _is_stop(tokens, stop_S):
+  """Whether each token is one of the stop ids `stop_S` (int array; -1 entries match nothing)."""
+  return jnp.any(tokens[..., None] == stop_S, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-  """The static (compile-time) settings of one generate program."""
+  """The static (compile-time) settings of one generate program. The numbers that may change
+  between calls without recompiling (temperature, top_p, length penalty, stop ids) are `_Dynamic`.
+  """
   cfg: ModelConfig
   strategy: str
   max_new_tokens: int
-  temperature: float
   top_k: int
-  top_p: float
+  use_top_p: bool
   num_beams: int
-  length_penalty: float
-  stop_ids: tuple[int, ...]
   pad_id: int
 
 
-def _sample_or_greedy(o: _Options, params, prompt_BxL, lengths_B, rng, source_BxLs, src_seg_BxLs):
+class _Dynamic(NamedTuple):
+  temperature: jax.Array  # float32 []
+  top_p: jax.Array  # float32 []
+  length_penalty: jax.Array  # float32 []
+  stop_ids: jax.Array  # int32 [S], padded with -1
+
+
+def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, rng, source_BxLs,
+                      src_seg_BxLs):
   cfg, n = o.cfg, o.max_new_tokens
   b, l = prompt_BxL.shape
-  cache = init_cache(cfg, b, l + n - 1, 0 if source_BxLs is None else source_BxLs.shape[1])
+  cache = init_cache(cfg, params, b, l + n - 1,
+                     0 if source_BxLs is None else source_BxLs.shape[1])
   logits, cache = prefill(cfg, params, cache, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
-  greedy = o.strategy == 'greedy' or o.temperature == 0.0
+  greedy = o.strategy == 'greedy'
 
   def choose(s):
     i = s['i']
@@ -200,7 +216,7 @@ def _sample_or_greedy(o: _Options, params, prompt_BxL, lengths_B, rng, source_Bx
     if greedy:
       tok_B = jnp.argmax(s['logits'], axis=-1).astype(jnp.int32)
     else:
-      filtered = filter_logits(s['logits'], o.temperature, o.top_k, o.top_p)
+      filtered = filter_logits(s['logits'], d.temperature, o.top_k, d.top_p, o.use_top_p)
       tok_B = jax.random.categorical(jax.random.fold_in(rng, i), filtered, axis=-1)
       tok_B = tok_B.astype(jnp.int32)
     done_B = s['finished']
@@ -211,7 +227,7 @@ def _sample_or_greedy(o: _Options, params, prompt_BxL, lengths_B, rng, source_Bx
         tokens=jax.lax.dynamic_update_slice(s['tokens'], tok_B[:, None], (0, i)),
         scores=s['scores'] + jnp.where(done_B, 0.0, tok_logp_B),
         lengths=s['lengths'] + (~done_B).astype(jnp.int32),
-        finished=done_B | _is_stop(tok_B, o.stop_ids))
+        finished=done_B | _is_stop(tok_B, d.stop_ids))
 
   def body(s):
     i = s['i']
@@ -231,7 +247,8 @@ def _sample_or_greedy(o: _Options, params, prompt_BxL, lengths_B, rng, source_Bx
               steps=state['i'])
 
 
-def _beam_search(o: _Options, params, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs):
+def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source_BxLs,
+                 src_seg_BxLs):
   """Beam search with GNMT length penalty; one program for both families.
 
   Per step, the 2K best extensions of the K alive beams are ranked by log-prob. A candidate that
@@ -241,12 +258,12 @@ def _beam_search(o: _Options, params, prompt_BxL, lengths_B, source_BxLs, src_se
   beam can still beat the worst of K finished ones (an exact bound: log-probs only fall, and the
   penalty is monotone in length).
   """
-  cfg, n, k, alpha = o.cfg, o.max_new_tokens, o.num_beams, o.length_penalty
+  cfg, n, k, alpha = o.cfg, o.max_new_tokens, o.num_beams, d.length_penalty
   b, l = prompt_BxL.shape
   ls = 0 if source_BxLs is None else source_BxLs.shape[1]
-  cache = init_cache(cfg, b, l + n - 1, ls)
+  cache = init_cache(cfg, params, b, l + n - 1, ls)
   logits_BxV, cache = prefill(cfg, params, cache, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
-  axes = _cache_batch_axes(cfg, l + n - 1, ls)
+  axes = _cache_batch_axes(cfg, params, l + n - 1, ls)
   tile = jnp.repeat(jnp.arange(b), k)  # [B*K]: beam j of example i is row i*K + j
   cache = gather_cache(cache, axes, tile)
   lengths_BK = lengths_B[tile]
@@ -265,7 +282,7 @@ def _beam_search(o: _Options, params, prompt_BxL, lengths_B, source_BxLs, src_se
     seq_BxMxN = jnp.take_along_axis(s['alive_seq'], parent_BxM[:, :, None], axis=1)
     seq_BxMxN = jax.lax.dynamic_update_slice(seq_BxMxN, tok_BxM[:, :, None], (0, 0, i))
     valid_BxM = top_logp_BxM > NEG / 2
-    ends_BxM = _is_stop(tok_BxM, o.stop_ids) | (i == n - 1)
+    ends_BxM = _is_stop(tok_BxM, d.stop_ids) | (i == n - 1)
     rank_ok = jnp.arange(m)[None, :] < k
     # Finished set: the best K of the old finished and the candidates that end now.
     new_fin_BxM = ends_BxM & valid_BxM & rank_ok
@@ -309,7 +326,7 @@ def _beam_search(o: _Options, params, prompt_BxL, lengths_B, source_BxLs, src_se
       fin_flag=jnp.zeros((b, k), bool), done=jnp.bool_(False))
   state = jax.lax.while_loop(cond, body, choose(state))
   seq_BxKxN = state['fin_seq']
-  stop_BxKxN = _is_stop(seq_BxKxN, o.stop_ids)
+  stop_BxKxN = _is_stop(seq_BxKxN, d.stop_ids)
   first_stop = jnp.where(jnp.any(stop_BxKxN, -1), jnp.argmax(stop_BxKxN, -1) + 1, n)
   lengths_BxK = jnp.where(state['fin_flag'], first_stop, 0).astype(jnp.int32)
   return dict(tokens=seq_BxKxN[:, 0], lengths=lengths_BxK[:, 0], scores=state['fin_score'][:, 0],
@@ -319,10 +336,11 @@ def _beam_search(o: _Options, params, prompt_BxL, lengths_B, source_BxLs, src_se
 
 @functools.lru_cache(maxsize=64)
 def _compiled(options: _Options):
-  def run(params, prompt_BxL, lengths_B, rng, source_BxLs, src_seg_BxLs):
+  def run(dynamic, params, prompt_BxL, lengths_B, rng, source_BxLs, src_seg_BxLs):
     if options.strategy == 'beam':
-      return _beam_search(options, params, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
-    return _sample_or_greedy(options, params, prompt_BxL, lengths_B, rng, source_BxLs,
+      return _beam_search(options, dynamic, params, prompt_BxL, lengths_B, source_BxLs,
+                          src_seg_BxLs)
+    return _sample_or_greedy(options, dynamic, params, prompt_BxL, lengths_B, rng, source_BxLs,
                              src_seg_BxLs)
   return jax.jit(run)
 
@@ -417,17 +435,22 @@ def generate(model_config: Any, params: Any, prompt_ids_BxL: Any = None,
     raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   if strategy == 'beam' and num_beams < 1:
     raise ValueError(f'num_beams must be >= 1, got {num_beams}')
+  if strategy == 'sample' and temperature == 0.0:
+    strategy = 'greedy'
+  sampling = strategy == 'sample'
   options = _Options(
       cfg=cfg, strategy=strategy, max_new_tokens=int(max_new_tokens),
-      temperature=float(temperature) if strategy == 'sample' else 1.0,
-      top_k=int(top_k) if strategy == 'sample' else 0,
-      top_p=float(top_p) if strategy == 'sample' else 1.0,
-      num_beams=int(num_beams) if strategy == 'beam' else 1,
-      length_penalty=float(length_penalty) if strategy == 'beam' else 0.0,
-      stop_ids=_stop_tuple(eos_id), pad_id=pad_id)
+      top_k=int(top_k) if sampling else 0, use_top_p=sampling and top_p < 1.0,
+      num_beams=int(num_beams) if strategy == 'beam' else 1, pad_id=pad_id)
+  stop = _stop_tuple(eos_id)
+  stop_S = np.full((max(1, len(stop)),), -1, np.int32)  # one compile for "no stop id" and one id
+  stop_S[:len(stop)] = stop
+  dynamic = _Dynamic(temperature=jnp.float32(temperature if sampling else 1.0),
+                     top_p=jnp.float32(top_p if sampling else 1.0),
+                     length_penalty=jnp.float32(length_penalty), stop_ids=jnp.asarray(stop_S))
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  return _compiled(options)(params, prompt, lengths, rng, source_ids, source_segment_ids)
+  return _compiled(options)(dynamic, params, prompt, lengths, rng, source_ids, source_segment_ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,38 +466,55 @@ def truncate_at_stop(ids: Iterable[int], stop_ids: Sequence[int] = (tok_lib.EOS_
   return out
 
 
+def generate_texts(config: Any, params: Any, tokenizer: tok_lib.Tokenizer, prompts: Sequence[str],
+                   *, max_new_tokens: int = 64, strategy: str = 'greedy',
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   num_beams: int = 4, length_penalty: float = 0.6, seed: int = 0) -> list[str]:
+  """Generated texts for a batch of prompts (decoder: continuations; encoder_decoder: outputs).
+
+  A decoder prompt is encoded as training data is, starting with BOS; prompts of different lengths
+  are right-padded and decoded together. An encoder_decoder reads each prompt as its source
+  (text + EOS) and starts the target with BOS. With a learned or sinusoidal position table, a
+  decoder prompt keeps its last tokens and `max_new_tokens` is capped so that everything fits.
+  """
+  cfg = model_config_of(config)
+  limit = cfg.max_len if cfg.position in ('learned', 'sinusoidal') else None
+  encoded = [tokenizer.encode(p) for p in prompts]
+  kw = dict(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_beams=num_beams, length_penalty=length_penalty, eos_id=tokenizer.eos_id,
+            bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id, rng=jax.random.PRNGKey(seed))
+  if cfg.family == 'encoder_decoder':
+    n = min(max_new_tokens, limit) if limit else max_new_tokens
+    srcs = [(ids[:limit - 1] if limit else ids) + [tokenizer.eos_id] for ids in encoded]
+    src = np.full((len(srcs), max(map(len, srcs))), tokenizer.pad_id, np.int32)
+    seg = np.zeros_like(src)
+    for r, ids in enumerate(srcs):
+      src[r, :len(ids)], seg[r, :len(ids)] = ids, 1
+    out = generate(cfg, params, None, source_ids=src, source_segment_ids=seg, max_new_tokens=n,
+                   **kw)
+  else:
+    n = max(1, min(max_new_tokens, limit - 1)) if limit else max_new_tokens
+    rows = [[tokenizer.bos_id] + ids for ids in encoded]
+    if limit:
+      rows = [r[-(limit - n + 1):] for r in rows]
+    prompt = np.full((len(rows), max(map(len, rows))), tokenizer.pad_id, np.int32)
+    for r, ids in enumerate(rows):
+      prompt[r, :len(ids)] = ids
+    out = generate(cfg, params, prompt, [len(r) for r in rows], max_new_tokens=n, **kw)
+  tokens = np.asarray(out['tokens'])
+  return [tokenizer.decode(truncate_at_stop(t, (tokenizer.eos_id,))) for t in tokens]
+
+
 def sample_text(config: Any, params: Any, tokenizer: tok_lib.Tokenizer, prompt: str = '', *,
                 max_new_tokens: int = 64, strategy: str = 'sample', temperature: float = 0.8,
                 top_k: int = 0, top_p: float = 0.95, num_beams: int = 4,
-                length_penalty: float = 0.6, seed: int = 0,
-                include_prompt: bool = True) -> str:
-  """Continues `prompt` (decoder) or translates it (encoder_decoder) and returns the text.
-
-  A decoder prompt is encoded as training data is, starting with BOS; an encoder_decoder reads
-  the prompt as its source (text + EOS) and starts the target with BOS. For a decoder the
-  continuation follows the prompt text unless `include_prompt` is False.
-  """
+                length_penalty: float = 0.6, seed: int = 0, include_prompt: bool = True) -> str:
+  """One sample for `prompt` (see `generate_texts`); for a decoder, the prompt and its
+  continuation unless `include_prompt` is False. For the train loop's periodic samples."""
   cfg = model_config_of(config)
-  ids = tokenizer.encode(prompt)
-  limit = cfg.max_len if cfg.position in ('learned', 'sinusoidal') else None
-  kw = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
-            top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
-            eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id,
-            rng=jax.random.PRNGKey(seed))
-  if cfg.family == 'encoder_decoder':
-    src = ids[:limit - 1] if limit else ids
-    src = np.asarray([src + [tokenizer.eos_id]], np.int32)
-    if limit:
-      kw['max_new_tokens'] = min(max_new_tokens, limit)
-    out = generate(cfg, params, None, source_ids=src, **kw)
-  else:
-    full = [tokenizer.bos_id] + ids
-    if limit:
-      kw['max_new_tokens'] = max(1, min(max_new_tokens, limit - 1))
-      full = full[-(limit - kw['max_new_tokens'] + 1):]
-    out = generate(cfg, params, np.asarray([full], np.int32), **kw)
-  new = truncate_at_stop(np.asarray(out['tokens'])[0], (tokenizer.eos_id,))
-  text = tokenizer.decode(new)
+  text = generate_texts(cfg, params, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                        strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+                        num_beams=num_beams, length_penalty=length_penalty, seed=seed)[0]
   if cfg.family == 'decoder' and include_prompt:
     return prompt + text
   return text

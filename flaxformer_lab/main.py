@@ -93,6 +93,7 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter off; --verbosity=0 brings it back
   sharding.maybe_initialize_distributed()
+  from flaxformer_lab import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from flaxformer_lab import train  # pylint: disable=g-import-not-at-top
   from flaxformer_lab.models.config import ConfigError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
@@ -105,8 +106,9 @@ def main(argv):
   except train.NonFiniteLossError as e:
     logging.error('%s', e)
     fail(str(e), code=3)
-  except (ConfigError, FileNotFoundError) as e:
-    fail(str(e).splitlines()[0])
+  except (ConfigError, FileNotFoundError, ckpt_lib.CheckpointError) as e:
+    fail(str(e).splitlines()[0] + (' (details: ' + '; '.join(str(e).splitlines()[1:3]) + ')'
+                                    if len(str(e).splitlines()) > 1 else ''))
 
 
 def run():

@@ -112,9 +112,19 @@ def init_fn(config, model_cfg: ModelConfig, tx):
 
   def init(rng):
     params = model.init(rng, **dummy_inputs(model_cfg, 1, length))['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    # Optimizer statistics shaped like their parameter inherit its logical axes (so FSDP shards
+    # Adam's moments too); factored ones (Adafactor's row/column statistics) are replicated.
+    opt_state = jax.tree.map(_drop_mismatched_box, tx.init(params),
+                             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state}
 
   return init
+
+
+def _drop_mismatched_box(x):
+  if isinstance(x, nn.LogicallyPartitioned) and jnp.ndim(x.value) != len(x.names):
+    return x.value
+  return x
 
 
 def build_setup(config) -> Setup:
@@ -311,6 +321,10 @@ def _make_data(config, workdir):
   bundle = data_lib.make_datasets(config, process_index=jax.process_index(),
                                   process_count=jax.process_count(), tokenizer=tokenizer)
   bundle.check_vocab_size(config.model.vocab_size)
+  if config.task == 'classification' and bundle.num_classes != config.model.num_labels:
+    raise ConfigError(f'{config.data.name} has {bundle.num_classes} classes but '
+                      f'model.num_labels={config.model.num_labels}: set '
+                      f'--config.model.num_labels={bundle.num_classes}')
   if tokenizer is None and jax.process_index() == 0:
     bundle.tokenizer.save(tok_dir)
   return bundle

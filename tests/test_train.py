@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir
   ok = run_main(args + ['--config.num_steps=2'], workdir, tfds_dir)
   assert ok.returncode == 0, ok.stderr[-3000:]
   bad = run_main(args + ['--config.num_steps=8', '--config.optim.learning_rate=1e30',
-                         '--config.optim.grad_clip_norm=0.0', '--config.optim.schedule=constant'],
+                        ],
                  workdir, tfds_dir)
   assert bad.returncode == 3, bad.stderr[-3000:]
   assert 'non-finite loss' in bad.stderr
@@ -190,15 +190,19 @@ def test_bad_config_is_one_line_and_writes_no_checkpoint(tmp_path, tfds_dir, arg
     ('configs/gpt2.py:tiny', dict(), 'eval/accuracy'),
     ('configs/t5.py:tiny', {'data.name': 'synthetic_copy', 'data.seq_len': 16,
                             'data.target_len': 16}, 'eval/token_accuracy'),
-    ('configs/bert.py:tiny,task=classification', {'data.seq_len': 48}, 'eval/accuracy'),
+    # From scratch (no pre-training), topic classification with mean pooling learns in a short run.
+    ('configs/bert.py:tiny,task=classification',
+     {'data.name': 'ag_news', 'data.eval_split': 'test', 'model.num_labels': 4,
+      'model.pooling': 'mean'}, 'eval/accuracy'),
 ])
 def test_each_objective_learns(tmp_path, tfds_dir, config_arg, overrides, eval_metric):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   c = config_flags.config_flags._LoadConfigModule('cfg', config_arg.split(':')[0]).get_config(
       config_arg.split(':')[1])
-  c.num_steps, c.batch_size, c.log_every, c.eval_every = 40, 16, 10, 0
-  c.checkpoint_every, c.data.eval_batches, c.progress = 40, 2, 'off'
-  c.optim.learning_rate, c.optim.warmup_steps = 2e-3, 5
+  steps = 150 if c.task == 'classification' else 40
+  c.num_steps, c.batch_size, c.log_every, c.eval_every = steps, 32, 10, 0
+  c.checkpoint_every, c.data.eval_batches, c.progress = steps, 2, 'off'
+  c.optim.learning_rate, c.optim.warmup_steps = 3e-3, 5
   if c.data.seq_len > 64:
     c.data.seq_len = 64
   for k, v in overrides.items():
@@ -206,5 +210,5 @@ def test_each_objective_learns(tmp_path, tfds_dir, config_arg, overrides, eval_m
     c[section][key] = v
   final = train.train_and_evaluate(c, str(tmp_path / 'run'))
   curve = losses(tmp_path / 'run')
-  assert curve[40] < curve[10] - 0.05, curve
+  assert curve[steps] < curve[10] - 0.05, curve
   assert eval_metric in final and 0.0 <= final[eval_metric] <= 1.0

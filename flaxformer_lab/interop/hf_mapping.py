@@ -721,9 +721,6 @@ class Bart(Family):
     return None if self.archs[arch].base else ('lm_head.weight', f'{prefix}shared.weight')
 
   def model_fields(self, hf, arch, tied):
-    for key in ('normalize_before', 'add_final_layer_norm', 'normalize_embedding'):
-      if hf.get(key) and not (key == 'normalize_embedding' and not self.marian):
-        raise UnsupportedError(f'{key}=True (an mBART-style variant)')
     if hf.get('encoder_attention_heads', 16) != hf.get('decoder_attention_heads', 16):
       raise UnsupportedError('encoder_attention_heads != decoder_attention_heads')
     if hf.get('encoder_ffn_dim', 4096) != hf.get('decoder_ffn_dim', 4096):
