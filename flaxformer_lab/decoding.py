@@ -86,7 +86,7 @@ def init_cache(cfg: ModelConfig, params: Any, batch: int, cache_len: int,
 
 
 def _cache_batch_axes(cfg: ModelConfig, params: Any, cache_len: int, source_len: int) -> Any:
-  """For each cache leaf, the index of its batch axis (found by comparing two batch sizes), or -1."""
+  """Each cache leaf's batch axis (found by comparing two batch sizes), or -1 where it has none."""
   a = jax.eval_shape(lambda p: init_cache(cfg, p, 2, cache_len, source_len), params)
   b = jax.eval_shape(lambda p: init_cache(cfg, p, 3, cache_len, source_len), params)
 
@@ -474,15 +474,20 @@ def generate_texts(config: Any, params: Any, tokenizer: tok_lib.Tokenizer, promp
 
   A decoder prompt is encoded as training data is, starting with BOS; prompts of different lengths
   are right-padded and decoded together. An encoder_decoder reads each prompt as its source
-  (text + EOS) and starts the target with BOS. With a learned or sinusoidal position table, a
-  decoder prompt keeps its last tokens and `max_new_tokens` is capped so that everything fits.
+  (text + EOS) and starts the target with BOS.
+
+  A learned or sinusoidal position table of `max_len` rows bounds what one `generate` call can
+  see. A decoder then continues past it with a sliding window: when the context is full, decoding
+  restarts from the last max_len // 2 tokens (a fresh cache; the same shapes from the second
+  window on, so one more compile). An encoder_decoder output is capped at max_len tokens.
   """
   cfg = model_config_of(config)
   limit = cfg.max_len if cfg.position in ('learned', 'sinusoidal') else None
   encoded = [tokenizer.encode(p) for p in prompts]
   kw = dict(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
             num_beams=num_beams, length_penalty=length_penalty, eos_id=tokenizer.eos_id,
-            bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id, rng=jax.random.PRNGKey(seed))
+            bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
+  key = jax.random.PRNGKey(seed)
   if cfg.family == 'encoder_decoder':
     n = min(max_new_tokens, limit) if limit else max_new_tokens
     srcs = [(ids[:limit - 1] if limit else ids) + [tokenizer.eos_id] for ids in encoded]
@@ -491,18 +496,32 @@ def generate_texts(config: Any, params: Any, tokenizer: tok_lib.Tokenizer, promp
     for r, ids in enumerate(srcs):
       src[r, :len(ids)], seg[r, :len(ids)] = ids, 1
     out = generate(cfg, params, None, source_ids=src, source_segment_ids=seg, max_new_tokens=n,
-                   **kw)
-  else:
-    n = max(1, min(max_new_tokens, limit - 1)) if limit else max_new_tokens
-    rows = [[tokenizer.bos_id] + ids for ids in encoded]
-    if limit:
-      rows = [r[-(limit - n + 1):] for r in rows]
-    prompt = np.full((len(rows), max(map(len, rows))), tokenizer.pad_id, np.int32)
+                   rng=key, **kw)
+    tokens = np.asarray(out['tokens'])
+    return [tokenizer.decode(truncate_at_stop(t, (tokenizer.eos_id,))) for t in tokens]
+
+  texts = [[tokenizer.bos_id] + ids for ids in encoded]
+  new: list[list[int]] = [[] for _ in texts]
+  done = [False] * len(texts)
+  remaining, window = max_new_tokens, 0
+  while remaining > 0 and not all(done):
+    keep = window or (limit - 1 if limit else None)
+    rows = [(t + o)[-keep:] if keep else t + o for t, o in zip(texts, new)]
+    width = max(map(len, rows))
+    n = min(remaining, limit - width + 1) if limit else remaining
+    prompt = np.full((len(rows), width), tokenizer.pad_id, np.int32)
     for r, ids in enumerate(rows):
       prompt[r, :len(ids)] = ids
-    out = generate(cfg, params, prompt, [len(r) for r in rows], max_new_tokens=n, **kw)
-  tokens = np.asarray(out['tokens'])
-  return [tokenizer.decode(truncate_at_stop(t, (tokenizer.eos_id,))) for t in tokens]
+    out = generate(cfg, params, prompt, [len(r) for r in rows], max_new_tokens=n,
+                   rng=jax.random.fold_in(key, max_new_tokens - remaining), **kw)
+    for r, toks in enumerate(np.asarray(out['tokens'])):
+      if not done[r]:
+        kept = truncate_at_stop(toks, (tokenizer.eos_id,))
+        new[r].extend(kept)
+        done[r] = len(kept) < n
+    remaining -= n
+    window = max(1, limit // 2) if limit else 0
+  return [tokenizer.decode(o) for o in new]
 
 
 def sample_text(config: Any, params: Any, tokenizer: tok_lib.Tokenizer, prompt: str = '', *,

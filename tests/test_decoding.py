@@ -296,3 +296,32 @@ def test_unpack_packed_seq2seq_batch():
            'decoder_segment_ids': np.array([[1, 1, 2, 2, 2, 0]]),
            'weights': np.array([[1, 1, 1, 1, 1, 0]], np.float32)}
   assert list(decoding._unpack_seq2seq(batch)) == [([7, 8, 2], [10, 2]), ([9, 2], [11, 11, 2])]
+
+
+class IdTokenizer:
+  """Token ids in and out (text is space-separated ids), with the standard special ids."""
+  pad_id, bos_id, eos_id = tok_lib.PAD_ID, tok_lib.BOS_ID, tok_lib.EOS_ID
+
+  def encode(self, text):
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids):
+    return list(ids)
+
+
+def test_generate_texts_slides_past_the_position_table():
+  cfg = tiny(family='decoder', position='learned', max_len=16)
+  _, params = init_params(cfg, std=0.3)
+  tok = IdTokenizer()
+  out = decoding.generate_texts(cfg, params, tok, ['7 8 9'], max_new_tokens=30)[0]
+  assert 0 < len(out) <= 30
+  # The first window: prompt (BOS + 3 ids) plus 13 new tokens fill the 16 positions.
+  first = decoding.generate(cfg, params, np.array([[1, 7, 8, 9]]), max_new_tokens=13)
+  first = decoding.truncate_at_stop(np.asarray(first['tokens'])[0])
+  assert out[:13] == first
+  if len(first) == 13:  # no stop token yet: decoding went on from the last 8 tokens
+    window = ([1, 7, 8, 9] + first)[-8:]
+    second = decoding.generate(cfg, params, np.array([window]), max_new_tokens=9)
+    second = decoding.truncate_at_stop(np.asarray(second['tokens'])[0])
+    assert out[13:22] == second
+    assert len(out) == 30 or tok.eos_id not in out

@@ -198,6 +198,22 @@ def test_t5_v11_untied_lm_head(tmp_path):
   assert _leaves_equal(hf.load(dst).params, loaded.params)
 
 
+def test_class_is_taken_from_the_weights_when_config_json_understates_it(tmp_path):
+  """bert-base-uncased says BertForMaskedLM but stores BertForPreTraining's pooler and NSP head."""
+  src = str(tmp_path / 'hf')
+  make_hf('bert', 'BertForPreTraining', src)
+  with open(os.path.join(src, 'config.json')) as f:
+    meta = json.load(f)
+  meta['architectures'] = ['BertForMaskedLM']
+  with open(os.path.join(src, 'config.json'), 'w') as f:
+    json.dump(meta, f)
+  loaded = hf.load(src)
+  assert loaded.architecture == 'BertForPreTraining' and loaded.model_config.head == 'mlm_nsp'
+  model = transformers.BertForMaskedLM.from_pretrained(src).eval()  # ignores pooler and NSP
+  kw = inputs(loaded.model_config)
+  assert np.max(np.abs(np.asarray(loaded(**kw)) - hf_outputs(model, kw))) <= TOL
+
+
 def test_pytorch_bin_with_tied_duplicates(tmp_path):
   """pytorch_model.bin (torch.load, weights_only) stores tied weights twice: accepted when equal."""
   src = str(tmp_path / 'hf')
@@ -212,12 +228,16 @@ def test_pytorch_bin_with_tied_duplicates(tmp_path):
 
 def test_lab_presets_export_to_transformers(tmp_path):
   """A lab model trained from scratch (random init here) opens in transformers with equal logits."""
-  from configs import gpt2  # pylint: disable=g-import-not-at-top
-  for name, config, arch in (('gpt2', gpt2.get_config('tiny'), 'GPT2LMHeadModel'),):
+  from configs import gpt2, roberta  # pylint: disable=g-import-not-at-top
+  # The RoBERTa MLM preset keeps RobertaModel's pooler: exported as RobertaForMaskedLM with the
+  # pooler weights, as roberta-base is (transformers ignores them; the lab reads them back).
+  for name, config, arch in (('gpt2', gpt2.get_config('tiny'), 'GPT2LMHeadModel'),
+                             ('roberta', roberta.get_config('tiny'), 'RobertaForMaskedLM')):
     config.model.update(vocab_size=101, d_model=24, num_heads=3, mlp_dim=37, max_len=40)
     cfg = ModelConfig.from_dict(config.model)
     params = _init(cfg, seed=1)
     path = hf.save((config, params), str(tmp_path / name))
+    assert _leaves_equal(hf.load(path, scan_layers=cfg.scan_layers).params, params)
     with open(os.path.join(path, 'config.json')) as f:
       assert json.load(f)['architectures'] == [arch]
     model = getattr(transformers, arch).from_pretrained(path).eval()
@@ -231,7 +251,9 @@ def test_lab_presets_export_to_transformers(tmp_path):
 
 def test_unrepresentable_lab_configs_are_refused(tmp_path):
   from configs import roberta  # pylint: disable=g-import-not-at-top
-  config = roberta.get_config('tiny')  # MLM with RobertaModel's pooler: RobertaForMaskedLM has none
+  # RoBERTa's classifier reads <s>, not a pooler: a lab classifier on the pooler has no HF class.
+  config = roberta.get_config('tiny,task=classification')
+  config.model.pooler = True
   # The config is checked before any weight is read.
   with pytest.raises(hf_mapping.UnsupportedError, match=r'model\.pooler=True'):
     hf.save((config, None), str(tmp_path / 'a'))

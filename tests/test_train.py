@@ -202,7 +202,7 @@ def test_each_objective_learns(tmp_path, tfds_dir, config_arg, overrides, eval_m
   steps = 150 if c.task == 'classification' else 40
   c.num_steps, c.batch_size, c.log_every, c.eval_every = steps, 32, 10, 0
   c.checkpoint_every, c.data.eval_batches, c.progress = steps, 2, 'off'
-  c.optim.learning_rate, c.optim.warmup_steps = 3e-3, 5
+  c.optim.name, c.optim.learning_rate, c.optim.warmup_steps = 'adamw', 3e-3, 5
   if c.data.seq_len > 64:
     c.data.seq_len = 64
   for k, v in overrides.items():

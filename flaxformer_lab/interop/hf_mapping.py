@@ -150,7 +150,10 @@ def _label_fields(cfg: ModelConfig) -> dict[str, Any]:
 class Arch:
   """One Hugging Face class of a family and the lab head it corresponds to."""
   head: str  # lab head
-  pooler: bool = False  # the body has BERT's pooler
+  # The body has BERT's pooler: True / False, or None where the head does not read it and HF
+  # builds the body without one but checkpoints often keep it (bert-base-uncased as
+  # BertForMaskedLM, roberta-base): then the lab keeps whatever the checkpoint has.
+  pooler: Optional[bool] = False
   base: bool = False  # a base-model class: its keys carry no `base_prefix`
   family: str = ''  # lab model family override (T5EncoderModel: encoder)
 
@@ -167,7 +170,9 @@ class Family:
   def tie_keys(self, arch: str, prefix: str) -> Optional[tuple[str, str]]:
     return None
 
-  def model_fields(self, hf: dict[str, Any], arch: str, tied: bool) -> dict[str, Any]:
+  def model_fields(self, hf: dict[str, Any], arch: str, tied: bool,
+                   pooler: Optional[bool] = None) -> dict[str, Any]:
+    """`pooler`: whether the body has one, for classes where that is optional (Arch.pooler None)."""
     raise NotImplementedError
 
   def hf_config(self, cfg: ModelConfig, arch: str) -> dict[str, Any]:
@@ -184,7 +189,7 @@ class Family:
       raise UnsupportedError(
           f'model.head={cfg.head!r} has no Hugging Face class in the {self.name} family; '
           f'classes: {", ".join(f"{a} (head {s.head})" for a, s in self.archs.items())}')
-    exact = [a for a in options if self.archs[a].pooler == cfg.pooler]
+    exact = [a for a in options if self.archs[a].pooler in (cfg.pooler, None)]
     return (exact or options)[0]
 
 
@@ -196,14 +201,14 @@ class Bert(Family):
   base_prefix = 'bert'
   archs = {
       'BertModel': Arch('none', pooler=True, base=True),
-      'BertForMaskedLM': Arch('mlm'),
+      'BertForMaskedLM': Arch('mlm', pooler=None),
       'BertForPreTraining': Arch('mlm_nsp', pooler=True),
       'BertForSequenceClassification': Arch('classification', pooler=True),
-      'BertForTokenClassification': Arch('token_classification'),
+      'BertForTokenClassification': Arch('token_classification', pooler=None),
   }
   roberta = False
 
-  def model_fields(self, hf, arch, tied):
+  def model_fields(self, hf, arch, tied, pooler=None):
     if not tied:
       raise UnsupportedError(f'{arch}: an MLM decoder untied from the word embeddings')
     if hf.get('position_embedding_type', 'absolute') != 'absolute':
@@ -234,7 +239,8 @@ class Bert(Family):
         pad_id=pad, logits_scale_tied=False, logits_bias=False, share_layers=0,
         dropout_rate=drop, attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.1)),
         classifier_dropout=drop if cls_drop is None else float(cls_drop),
-        head=spec.head, num_labels=_num_labels(hf), pooling='first', pooler=spec.pooler,
+        head=spec.head, num_labels=_num_labels(hf), pooling='first',
+        pooler=bool(pooler) if spec.pooler is None else spec.pooler,
         head_transform=True,
         # RobertaLMHead applies an exact GELU whatever hidden_act says; BERT's uses hidden_act.
         head_activation='gelu' if self.roberta else act,
@@ -312,9 +318,9 @@ class Roberta(Bert):
   roberta = True
   archs = {
       'RobertaModel': Arch('none', pooler=True, base=True),
-      'RobertaForMaskedLM': Arch('mlm'),
+      'RobertaForMaskedLM': Arch('mlm', pooler=None),
       'RobertaForSequenceClassification': Arch('classification'),
-      'RobertaForTokenClassification': Arch('token_classification'),
+      'RobertaForTokenClassification': Arch('token_classification', pooler=None),
   }
 
 
@@ -324,9 +330,9 @@ class XLMRoberta(Roberta):
   preset = 'xlmr'
   archs = {
       'XLMRobertaModel': Arch('none', pooler=True, base=True),
-      'XLMRobertaForMaskedLM': Arch('mlm'),
+      'XLMRobertaForMaskedLM': Arch('mlm', pooler=None),
       'XLMRobertaForSequenceClassification': Arch('classification'),
-      'XLMRobertaForTokenClassification': Arch('token_classification'),
+      'XLMRobertaForTokenClassification': Arch('token_classification', pooler=None),
   }
 
 
@@ -338,13 +344,13 @@ class Albert(Family):
   base_prefix = 'albert'
   archs = {
       'AlbertModel': Arch('none', pooler=True, base=True),
-      'AlbertForMaskedLM': Arch('mlm'),
+      'AlbertForMaskedLM': Arch('mlm', pooler=None),
       'AlbertForPreTraining': Arch('mlm_nsp', pooler=True),
       'AlbertForSequenceClassification': Arch('classification', pooler=True),
-      'AlbertForTokenClassification': Arch('token_classification'),
+      'AlbertForTokenClassification': Arch('token_classification', pooler=None),
   }
 
-  def model_fields(self, hf, arch, tied):
+  def model_fields(self, hf, arch, tied, pooler=None):
     if not tied:
       raise UnsupportedError(f'{arch}: an MLM decoder untied from the word embeddings')
     if int(hf.get('inner_group_num', 1)) != 1:
@@ -377,7 +383,8 @@ class Albert(Family):
         dropout_rate=float(hf.get('hidden_dropout_prob', 0.0)),
         attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.0)),
         classifier_dropout=float(hf.get('classifier_dropout_prob', 0.1)),
-        head=spec.head, num_labels=_num_labels(hf), pooling='first', pooler=spec.pooler,
+        head=spec.head, num_labels=_num_labels(hf), pooling='first',
+        pooler=bool(pooler) if spec.pooler is None else spec.pooler,
         head_transform=True, head_activation=act, classifier_hidden=False,
         classifier_activation='tanh')
 
@@ -445,7 +452,7 @@ class DistilBert(Family):
       'DistilBertForTokenClassification': Arch('token_classification'),
   }
 
-  def model_fields(self, hf, arch, tied):
+  def model_fields(self, hf, arch, tied, pooler=None):
     if not tied:
       raise UnsupportedError(f'{arch}: a vocab_projector untied from the word embeddings')
     act = _act(hf.get('activation', 'gelu'), 'activation')
@@ -522,7 +529,7 @@ class GPT2(Family):
   def tie_keys(self, arch, prefix):
     return ('lm_head.weight', f'{prefix}wte.weight') if arch == 'GPT2LMHeadModel' else None
 
-  def model_fields(self, hf, arch, tied):
+  def model_fields(self, hf, arch, tied, pooler=None):
     if hf.get('scale_attn_by_inverse_layer_idx'):
       raise UnsupportedError('scale_attn_by_inverse_layer_idx=True')
     if hf.get('add_cross_attention'):
@@ -617,7 +624,7 @@ class T5(Family):
       return _GATED[act]
     return act
 
-  def model_fields(self, hf, arch, tied):
+  def model_fields(self, hf, arch, tied, pooler=None):
     # transformers 5 derives the output scaling from the saved scale_decoder_outputs, else from
     # tie_word_embeddings (v1.0 ties and scales; v1.1 does neither).
     scale = hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True) is not False)
@@ -720,7 +727,7 @@ class Bart(Family):
   def tie_keys(self, arch, prefix):
     return None if self.archs[arch].base else ('lm_head.weight', f'{prefix}shared.weight')
 
-  def model_fields(self, hf, arch, tied):
+  def model_fields(self, hf, arch, tied, pooler=None):
     if hf.get('encoder_attention_heads', 16) != hf.get('decoder_attention_heads', 16):
       raise UnsupportedError('encoder_attention_heads != decoder_attention_heads')
     if hf.get('encoder_ffn_dim', 4096) != hf.get('decoder_ffn_dim', 4096):

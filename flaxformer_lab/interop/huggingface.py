@@ -74,62 +74,82 @@ class HFCheckpointError(ValueError):
 
 
 # --- reading and writing tensors -----------------------------------------------------------------
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _legacy_name(key: str) -> str:
+  """HF's legacy renaming on load: LayerNorm.gamma / .beta are .weight / .bias."""
+  return re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', re.sub(r'LayerNorm\.gamma$',
+                                                                'LayerNorm.weight', key))
+
+
+def _weight_files(path: str) -> list[str]:
+  """model.safetensors (or its shards), else pytorch_model.bin (or its shards)."""
+  for name in (SAFE_WEIGHTS, TORCH_WEIGHTS):
+    if os.path.exists(os.path.join(path, name)):
+      return [os.path.join(path, name)]
+    index = os.path.join(path, name + '.index.json')
+    if os.path.exists(index):
+      with open(index) as f:
+        shards = sorted(set(json.load(f)['weight_map'].values()))
+      return [os.path.join(path, s) for s in shards]
+  raise FileNotFoundError(f'{path} holds no {SAFE_WEIGHTS} or {TORCH_WEIGHTS} (nor a sharded '
+                          'index of either)')
+
+
+def _read_safetensors(file: str, keys: Optional[set[str]]) -> dict[str, np.ndarray]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   out = {}
-  with safe_open(path, framework='np') as f:
+  with safe_open(file, framework='np') as f:
     for key in f.keys():
+      if keys is not None and _legacy_name(key) not in keys:
+        continue
       try:
         out[key] = f.get_tensor(key)
       except TypeError:  # bfloat16: numpy has no such dtype; read the raw bytes
-        out[key] = _read_raw_tensor(path, key)
+        out[key] = _read_raw_tensor(file, key)
   return out
 
 
-def _read_raw_tensor(path: str, key: str) -> np.ndarray:
+def _read_raw_tensor(file: str, key: str) -> np.ndarray:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
-  with open(path, 'rb') as f:
+  with open(file, 'rb') as f:
     n = int.from_bytes(f.read(8), 'little')
     info = json.loads(f.read(n))[key]
   if info['dtype'] != 'BF16':
-    raise HFCheckpointError(f'{path}: weight {key} has unsupported dtype {info["dtype"]}')
+    raise HFCheckpointError(f'{file}: weight {key} has unsupported dtype {info["dtype"]}')
   start, end = info['data_offsets']
-  raw = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + n)[start:end]
+  raw = np.memmap(file, dtype=np.uint8, mode='r', offset=8 + n)[start:end]
   return np.asarray(raw).view(ml_dtypes.bfloat16).astype(np.float32).reshape(info['shape'])
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def _read_torch(file: str, keys: Optional[set[str]]) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location='cpu', weights_only=True)
-  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()}
+  sd = torch.load(file, map_location='cpu', weights_only=True)
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()
+          if keys is None or _legacy_name(k) in keys}
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a checkpoint directory (model.safetensors, sharded or not, else
-  pytorch_model.bin), as numpy arrays; LayerNorm.gamma/beta are renamed weight/bias as HF does."""
-  files = []
-  for name, reader in ((SAFE_WEIGHTS, _read_safetensors), (TORCH_WEIGHTS, _read_torch)):
-    index = os.path.join(path, name + '.index.json')
-    if os.path.exists(os.path.join(path, name)):
-      files = [(os.path.join(path, name), reader)]
-    elif os.path.exists(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)['weight_map'].values()))
-      files = [(os.path.join(path, s), reader) for s in shards]
-    if files:
-      break
-  if not files:
-    raise FileNotFoundError(f'{path} holds no {SAFE_WEIGHTS} or {TORCH_WEIGHTS} (nor a sharded '
-                            'index of either)')
+def checkpoint_keys(path: str) -> list[str]:
+  """The tensor names of a checkpoint directory (safetensors: read from the headers only)."""
+  files = _weight_files(path)
+  if files[0].endswith('.safetensors'):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    keys = []
+    for file in files:
+      with safe_open(file, framework='np') as f:
+        keys += list(f.keys())
+  else:
+    keys = [k for file in files for k in _read_torch(file, None)]
+  return sorted(_legacy_name(k) for k in keys)
+
+
+def read_state_dict(path: str, keys: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+  """The tensors of a checkpoint directory (all, or those named in `keys`) as numpy arrays, under
+  the names transformers uses (LayerNorm.gamma/beta renamed weight/bias)."""
+  wanted = None if keys is None else set(keys)
   sd = {}
-  for file, reader in files:
-    sd.update(reader(file))
-  renamed = {}
-  for key, value in sd.items():
-    key = re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight', key)
-    key = re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', key)
-    renamed[key] = value
-  return renamed
+  for file in _weight_files(path):
+    reader = _read_safetensors if file.endswith('.safetensors') else _read_torch
+    sd.update(reader(file, wanted))
+  return {_legacy_name(k): v for k, v in sd.items()}
 
 
 def _write_safetensors(sd: dict[str, np.ndarray], path: str) -> None:
@@ -200,12 +220,53 @@ class _Checkpoint:
   arch: str
   prefix: str
   tied: bool
+  pooler: bool
 
   def fields(self) -> dict[str, Any]:
-    return self.family.model_fields(self.hf, self.arch, self.tied)
+    return self.family.model_fields(self.hf, self.arch, self.tied, self.pooler)
 
 
-def _open_checkpoint(path: str, architecture: Optional[str] = None) -> _Checkpoint:
+def _prefix(fam: mapping.Family, arch: str, keys: set[str]) -> str:
+  """The key prefix of the body: none for base classes, `<base_prefix>.` for head classes; a head
+  class saved around a bare body (or the reverse) follows the keys, as HF does."""
+  spec = fam.archs[arch]
+  prefix = '' if spec.base or not fam.base_prefix else fam.base_prefix + '.'
+  alt = fam.base_prefix + '.' if not prefix and fam.base_prefix else ''
+  probe = {'gpt2': 'wte.weight', 't5': 'shared.weight', 'bart': 'shared.weight',
+           'marian': 'shared.weight'}.get(fam.name, 'embeddings.word_embeddings.weight')
+  if (prefix + probe) not in keys and (alt + probe) in keys:
+    prefix = alt
+  return prefix
+
+
+def _fits(fam: mapping.Family, hf: dict[str, Any], arch: str, keys: set[str],
+          tensors: dict[str, np.ndarray], exact: bool = True) -> Optional[_Checkpoint]:
+  """The reading of the checkpoint as `arch` when its key set is exactly that class's (or, not
+  `exact`, when it holds at least that class's weights), else None."""
+  prefix = _prefix(fam, arch, keys)
+  tied = _resolve_tied(fam, hf, arch, prefix, keys, tensors)
+  pooler = any(k.startswith(f'{prefix}pooler.') for k in keys)
+  ckpt = _Checkpoint('', hf, {}, fam, arch, prefix, tied, pooler)
+  try:
+    cfg = ModelConfig().replace(**ckpt.fields())
+  except (UnsupportedError, ValueError):
+    return None
+  w = fam.weights(cfg, arch, prefix)
+  required = {r.hf for r in w.rules}
+  if required <= keys and (not exact or keys <= required | set(w.tied) | set(w.buffers)):
+    return ckpt
+  return None
+
+
+def _open_checkpoint(path: str, architecture: Optional[str] = None,
+                     tensors: bool = True) -> _Checkpoint:
+  """Reads config.json and (with `tensors`; else only the tensors that decide tying) the weights.
+
+  The class is config.json's `architectures[0]` (or `architecture`). When the checkpoint holds
+  all its weights and more, and another class of the family matches the checkpoint exactly -
+  bert-base-uncased says BertForMaskedLM but stores BertForPreTraining's NSP head - that class is
+  used and logged. (Missing weights never switch the class: they are an error.)
+  """
   hf = read_hf_config(path)
   arch = architecture or (hf.get('architectures') or [None])[0]
   fam = mapping.family_for(hf.get('model_type'), arch)
@@ -214,35 +275,38 @@ def _open_checkpoint(path: str, architecture: Optional[str] = None) -> _Checkpoi
   if arch not in fam.archs:
     raise UnsupportedError(f'{path}: architecture {arch!r} is not supported for the {fam.name} '
                            f'family; supported: {", ".join(fam.archs)}')
-  sd = read_state_dict(path)
-  spec = fam.archs[arch]
-  prefix = '' if spec.base or not fam.base_prefix else fam.base_prefix + '.'
-  # A head class saved around a bare body (or the reverse): follow the keys, as HF does.
-  alt = fam.base_prefix + '.' if not prefix and fam.base_prefix else ''
-  probe = _probe_key(fam)
-  if probe and (prefix + probe) not in sd and (alt + probe) in sd:
-    prefix = alt
-  tied = _resolve_tied(fam, hf, arch, prefix, sd)
-  return _Checkpoint(path, hf, sd, fam, arch, prefix, tied)
+  keys = set(checkpoint_keys(path))
+  tie_keys = {k for a in fam.archs for k in (fam.tie_keys(a, _prefix(fam, a, keys)) or ())}
+  sd = read_state_dict(path, None if tensors else sorted(tie_keys & keys))
+  ckpt = _fits(fam, hf, arch, keys, sd)
+  if ckpt is None and architecture is None and _fits(fam, hf, arch, keys, sd, exact=False):
+    for other in fam.archs:
+      if other != arch and (found := _fits(fam, hf, other, keys, sd)) is not None:
+        logging.warning('%s: config.json says %s but the weights are exactly those of %s: '
+                        'loading it as %s', path, arch, other, other)
+        ckpt = found
+        break
+  if ckpt is None:  # read as the configured class; _convert names what does not fit
+    prefix = _prefix(fam, arch, keys)
+    ckpt = _Checkpoint('', hf, {}, fam, arch, prefix,
+                       _resolve_tied(fam, hf, arch, prefix, keys, sd),
+                       any(k.startswith(f'{prefix}pooler.') for k in keys))
+  ckpt.path, ckpt.sd = path, sd
+  return ckpt
 
 
-def _probe_key(fam: mapping.Family) -> str:
-  return {'gpt2': 'wte.weight', 't5': '', 'bart': 'shared.weight',
-          'marian': 'shared.weight'}.get(fam.name, 'embeddings.word_embeddings.weight')
-
-
-def _resolve_tied(fam, hf, arch, prefix, sd) -> bool:
+def _resolve_tied(fam, hf, arch, prefix, keys, sd) -> bool:
   """Whether the output projection is the input embedding, decided as transformers 5 does: tied
   unless the config says otherwise (T5 ignores it) or the checkpoint stores a different lm_head."""
-  keys = fam.tie_keys(arch, prefix)
-  if keys is None:
+  tie = fam.tie_keys(arch, prefix)
+  if tie is None:
     return True
-  head_key, source = keys
+  head_key, source = tie
   if fam.name != 't5' and hf.get('tie_word_embeddings', True) is False:
     return False
-  if head_key not in sd:
+  if head_key not in keys:
     return True
-  return (source in sd and sd[source].shape == sd[head_key].shape and
+  return (source in sd and head_key in sd and sd[source].shape == sd[head_key].shape and
           np.array_equal(sd[source], sd[head_key]))
 
 
@@ -329,28 +393,18 @@ def training_config(fam: mapping.Family, fields: dict[str, Any]) -> ml_collectio
 
 def model_config_from_hf(path: str, architecture: Optional[str] = None) -> ModelConfig:
   """The lab ModelConfig of a Hugging Face checkpoint directory."""
-  ckpt = _open_checkpoint(path, architecture)
-  return ModelConfig.from_dict(training_config(ckpt.family, ckpt.fields()).model)
+  return ModelConfig.from_dict(config_from_hf(path, architecture).model)
 
 
 def config_from_hf(path: str, architecture: Optional[str] = None,
                    **model_overrides: Any) -> ml_collections.ConfigDict:
   """A full training config for a checkpoint directory: the family preset, the model section from
-  config.json, then `model_overrides` (e.g. head='classification', num_labels=3)."""
-  hf = read_hf_config(path)
-  arch = architecture or (hf.get('architectures') or [None])[0]
-  fam = mapping.family_for(hf.get('model_type'), arch)
-  if arch is None:
-    arch = next(a for a, s in fam.archs.items() if s.base)
-  if arch not in fam.archs:
-    raise UnsupportedError(f'architecture {arch!r} is not supported for the {fam.name} family')
-  keys = fam.tie_keys(arch, '')
-  tied = True
-  if keys is not None:  # decide tying from the tensors (only the lm_head key is read)
-    tied = _open_checkpoint(path, arch).tied
-  fields = fam.model_fields(hf, arch, tied)
+  config.json (and the checkpoint's class, tying and pooler), then `model_overrides` (e.g.
+  head='classification', num_labels=3). Reads only the tensors that decide tying."""
+  ckpt = _open_checkpoint(path, architecture, tensors=False)
+  fields = ckpt.fields()
   fields.update(model_overrides)
-  return training_config(fam, fields)
+  return training_config(ckpt.family, fields)
 
 
 # --- the loaded model ----------------------------------------------------------------------------
@@ -510,7 +564,7 @@ def to_hf(cfg: ModelConfig, params, *, family: Optional[str] = None,
       k in labels and cfg.head in ('classification', 'token_classification'))}
   hf.update(fam.hf_config(cfg, arch))
   # Round trip: the config HF will build must give back this lab config.
-  back = dataclasses.replace(cfg, **fam.model_fields(hf, arch, cfg.tie_embeddings))
+  back = dataclasses.replace(cfg, **fam.model_fields(hf, arch, cfg.tie_embeddings, cfg.pooler))
   diffs = _diff(_semantic(cfg), _semantic(back))
   if diffs:
     raise UnsupportedError(
