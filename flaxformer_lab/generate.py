@@ -36,7 +36,8 @@ _NUM_BEAMS = flags.DEFINE_integer('num_beams', 4, 'Beam width.')
 _LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6,
                                      'Beam alpha of ((5 + length) / 6) ** alpha.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt (seeds seed, seed+1, ...).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1,
+                                    'Samples per prompt (seeds seed, seed+1, ...).')
 _BLEU_SPLIT = flags.DEFINE_string('bleu_split', '', 'encoder_decoder: report sacreBLEU on this '
                                   'split (e.g. validation, test) instead of generating.')
 _BLEU_BATCHES = flags.DEFINE_integer('bleu_batches', 0, 'Eval batches for BLEU (0 = the whole '
@@ -95,7 +96,8 @@ def run_bleu(config, params, tokenizer) -> None:
       config, params, tokenizer, batches, strategy='beam' if _STRATEGY.value == 'beam' else
       'greedy', num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
       max_new_tokens=_MAX_NEW.value if FLAGS['max_new_tokens'].present else None)
-  for src, ref, hyp in list(zip(result.sources, result.references, result.hypotheses))[:_SHOW.value]:
+  shown = list(zip(result.sources, result.references, result.hypotheses))[:_SHOW.value]
+  for src, ref, hyp in shown:
     print(f'source:     {src}\nreference:  {ref}\nhypothesis: {hyp}\n')
   print(f'{len(result.hypotheses)} examples of split {_BLEU_SPLIT.value!r} in '
         f'{time.time() - start:.1f}s')

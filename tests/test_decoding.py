@@ -80,7 +80,7 @@ def mixed_batch(vocab, lengths, prompt_len, new, seed=0, src_len=7):
   return prompt, cont, full, seg, src, src_seg
 
 
-# --- cached decoding == full forward ---------------------------------------------------------------
+# --- cached decoding == full forward --------------------------------------------------------------
 CACHE_CASES = (
     [dict(family='decoder', position=p, norm_position='pre')
      for p in ('learned', 'sinusoidal', 'relative_bias', 'rope', 'alibi')] +
@@ -125,7 +125,7 @@ def test_cached_steps_equal_full_forward(kw):
                                err_msg=f'step {i}')
 
 
-# --- strategies ------------------------------------------------------------------------------------
+# --- strategies -----------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def decoder_model():
   cfg = tiny(family='decoder', position='rope')
@@ -229,7 +229,7 @@ def test_wide_beam_finds_brute_force_best():
     np.testing.assert_allclose(np.asarray(out['beam_scores'][b, :10]), top, atol=1e-4)
 
 
-# --- a trained model: exact decoding and BLEU ------------------------------------------------------
+# --- a trained model: exact decoding and BLEU -----------------------------------------------------
 class SpacedChars(tok_lib.CharTokenizer):
   """Characters written as words, so that BLEU has n-grams to count."""
 

@@ -256,6 +256,9 @@ def load_tokenizer(directory: str) -> Tokenizer:
     tok = CharTokenizer.load(os.path.join(directory, meta['file']))
   elif kind == 'sentencepiece':
     tok = SentencePieceTokenizer.load(os.path.join(directory, meta['file']))
+  elif kind == 'huggingface':  # a converted checkpoint's own tokenizer (interop/hf_tokenizer.py)
+    from flaxformer_lab.interop.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    tok = HFTokenizer.load_saved(directory)
   else:
     raise ValueError(f'{path}: unknown tokenizer kind {kind!r}')
   if tok.vocab_size != meta['vocab_size']:

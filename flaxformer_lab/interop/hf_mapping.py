@@ -9,9 +9,9 @@ Each `Family` knows, for its Hugging Face classes (`BertModel`, `BertForMaskedLM
     lab parameter path in the looped `layers_i` layout, and how the tensor is laid out), plus the
     keys Hugging Face may store as exact duplicates of tied weights and the buffers it may store.
 
-Weight layouts (`kind`): Hugging Face's `nn.Linear` stores [out, in]; the lab's kernels are [in, out]
-with the heads split out: query/key/value [D, H, K], attention output [H, K, D], GPT-2's fused
-qkv [D, 3, H, K]. GPT-2's `Conv1D` already stores [in, out].
+Weight layouts (`kind`): Hugging Face's `nn.Linear` stores [out, in]; the lab's kernels are
+[in, out] with the heads split out: query/key/value [D, H, K], attention output [H, K, D], GPT-2's
+fused qkv [D, 3, H, K]. GPT-2's `Conv1D` already stores [in, out].
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flaxformer_lab.models.positions import sinusoidal_table
 
 
 class UnsupportedError(ValueError):
-  """A Hugging Face model or config value the lab cannot reproduce exactly (the message says which)."""
+  """A Hugging Face model or config value the lab cannot reproduce exactly (the message says)."""
 
 
 # --- tensor layouts ------------------------------------------------------------------------------
@@ -237,7 +237,8 @@ class Bert(Family):
         activation=act, mlp_bias=True, emb_dim=0, type_vocab_size=int(hf.get('type_vocab_size', 2)),
         num_languages=0, scale_embedding=False, embedding_norm=True, tie_embeddings=True,
         pad_id=pad, logits_scale_tied=False, logits_bias=False, share_layers=0,
-        dropout_rate=drop, attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.1)),
+        dropout_rate=drop,
+        attention_dropout_rate=float(hf.get('attention_probs_dropout_prob', 0.1)),
         classifier_dropout=drop if cls_drop is None else float(cls_drop),
         head=spec.head, num_labels=_num_labels(hf), pooling='first',
         pooler=bool(pooler) if spec.pooler is None else spec.pooler,
@@ -464,7 +465,7 @@ class DistilBert(Family):
         mlp_dim=int(hf.get('hidden_dim', 3072)),
         norm_position='post', norm_type='layernorm', norm_use_bias=True, norm_use_scale=True,
         norm_eps=1e-12, final_norm=False,  # DistilBERT's LayerNorms hard-code eps=1e-12
-        # sinusoidal_pos_embds=True only initializes the stored table: it is loaded like a learned one.
+        # sinusoidal_pos_embds=True only initializes the stored table: loaded like a learned one.
         position='learned', max_len=int(hf.get('max_position_embeddings', 512)),
         position_offset=0, positions_from_padding=False,
         attention_scale=True, qkv_bias=True, out_bias=True, fused_qkv=False,
@@ -785,7 +786,7 @@ class Bart(Family):
       table = _marian_table(cfg.max_len, cfg.d_model)
       key = f'{p}{side}.embed_positions.weight'
       w.buffers[key] = _table_check(table)
-      if not p:  # MarianModel writes the tables; MarianMTModel lists them in _keys_to_ignore_on_save
+      if not p:  # MarianModel saves the tables; MarianMTModel has them in _keys_to_ignore_on_save
         w.saved_buffers[key] = table
     else:
       w.copy(f'{p}{side}.embed_positions.weight', f'{lab_emb}/positions/embedding')

@@ -1,30 +1,31 @@
 """Hugging Face checkpoints in the lab: load, call, save, and initialize training runs.
 
-  loaded = huggingface.load('/path/to/bert')              # config.json + model.safetensors (or .bin)
-  logits = loaded(input_ids=ids, attention_mask=mask)       # jax array, as the HF model returns
-  loaded.config, loaded.model, loaded.params                # lab training config, linen module, params
-  huggingface.save(loaded, '/tmp/out')                      # AutoModel*.from_pretrained('/tmp/out')
-  huggingface.save((config, params), '/tmp/out')            # any lab config of a supported family
-  params, fresh = huggingface.load_params_for_config(dir, model_config)  # --config.init_from=hf:dir
+  loaded = huggingface.load('/path/to/bert')   # config.json + model.safetensors / pytorch_model.bin
+  logits = loaded(input_ids=ids, attention_mask=mask)  # a jax array, as the HF model returns
+  loaded.config, loaded.model, loaded.params           # training config, linen module, params
+  huggingface.save(loaded, '/tmp/out')                 # AutoModel*.from_pretrained('/tmp/out')
+  huggingface.save((config, params), '/tmp/out')       # any lab config of a supported family
+  params, fresh = huggingface.load_params_for_config(d, model_config)  # init_from=hf:<d>
 
-Supported: BERT, RoBERTa, XLM-R, ALBERT, DistilBERT (base, *ForMaskedLM, *ForSequenceClassification,
-*ForTokenClassification, Bert/AlbertForPreTraining), GPT-2 (GPT2Model, GPT2LMHeadModel), T5 (T5Model,
-T5ForConditionalGeneration, T5EncoderModel; v1.0 and v1.1), BART and Marian (base model and
-*ForConditionalGeneration / MarianMTModel). Each maps to one lab config: the family preset of
-`configs/` with the model section taken from config.json (see `hf_mapping.py`).
+Supported: BERT, RoBERTa, XLM-R, ALBERT, DistilBERT (the base model, *ForMaskedLM,
+*ForSequenceClassification, *ForTokenClassification, Bert/AlbertForPreTraining); GPT-2 (GPT2Model,
+GPT2LMHeadModel); T5 v1.0 and v1.1 (T5Model, T5ForConditionalGeneration, T5EncoderModel); BART and
+Marian (the base model, BartForConditionalGeneration, MarianMTModel). Each maps to one lab config:
+the family preset of `configs/` with the model section from config.json (`hf_mapping.py`).
 
-Loading is strict: a missing, unexpected or mis-shaped weight raises `HFCheckpointError` naming every
-such weight. Hugging Face's legitimate omissions and duplicates are handled explicitly: tied weights
-(GPT-2's lm_head, MLM decoders, T5/BART/Marian embed_tokens) may be absent, and when present must equal
-the weight they are tied to; buffers (position_ids, GPT-2's attn.bias, Marian's sinusoidal tables) may
-be absent, and when present are checked against what the lab computes. BART/Marian's
-`final_logits_bias` buffer maps to the lab's learned `lm_head/bias` and must be present.
+Loading is strict: a missing, unexpected or mis-shaped weight raises `HFCheckpointError` naming
+every such weight. What Hugging Face legitimately omits or duplicates is handled explicitly: tied
+weights (GPT-2's lm_head, MLM decoders, T5/BART/Marian embed_tokens) may be absent and, when
+present, must equal the weight they are tied to; buffers (position_ids, GPT-2's attn.bias, Marian's
+sinusoidal tables) may be absent and, when present, are checked against what the lab computes.
+BART/Marian's `final_logits_bias` buffer is the lab's learned `lm_head/bias` and must be present
+(unless `zero_fill` names it).
 
-Inputs of `Loaded.__call__` follow Hugging Face: `attention_mask` becomes the lab's `segment_ids`
-(mask as int32); positions are 0, 1, 2, ... for every token (pads included) as Hugging Face computes
-them, and RoBERTa/XLM-R positions count non-pad *token ids* as `create_position_ids_from_input_ids`
-does (the lab additionally gives every masked position the pad position), so outputs match Hugging
-Face at every position, pads included, as long as masked tokens are the pad token (RoBERTa/XLM-R).
+`Loaded.__call__` takes Hugging Face inputs: `attention_mask` becomes `segment_ids` (the mask as
+int32); positions are 0, 1, 2, ... for every token, pads included, as Hugging Face computes them;
+RoBERTa/XLM-R positions count non-pad token ids as `create_position_ids_from_input_ids` does (the
+lab also gives masked tokens the pad position: the same when masked tokens are pad tokens). Outputs
+then match Hugging Face at every position, pads included.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class HFCheckpointError(ValueError):
   """A checkpoint whose weights do not match its config: the message names every bad weight."""
 
 
-# --- reading and writing tensors -----------------------------------------------------------------
+# --- reading and writing tensors ------------------------------------------------------------------
 def _legacy_name(key: str) -> str:
   """HF's legacy renaming on load: LayerNorm.gamma / .beta are .weight / .bias."""
   return re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', re.sub(r'LayerNorm\.gamma$',
@@ -166,7 +167,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-# --- lab parameter trees ---------------------------------------------------------------------------
+# --- lab parameter trees --------------------------------------------------------------------------
 def _flatten(tree, prefix=()) -> dict[str, Any]:
   out = {}
   if isinstance(tree, dict) or hasattr(tree, 'items'):
@@ -209,7 +210,7 @@ def _looped_flat(params) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in _flatten(tree).items()}
 
 
-# --- checkpoint -> lab -------------------------------------------------------------------------------
+# --- checkpoint -> lab ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Checkpoint:
   """A checkpoint directory as read: config.json, tensors, family, class, key prefix, tying."""
@@ -403,11 +404,18 @@ def config_from_hf(path: str, architecture: Optional[str] = None,
   head='classification', num_labels=3). Reads only the tensors that decide tying."""
   ckpt = _open_checkpoint(path, architecture, tensors=False)
   fields = ckpt.fields()
+  head = model_overrides.get('head')
+  if head and head != fields['head'] and 'pooler' not in model_overrides:
+    # A new head gets the pooler its HF class has (RoBERTa's classifier reads <s>, BERT's the
+    # pooler); heads that ignore the pooler keep the checkpoint's.
+    specs = [s for s in ckpt.family.archs.values() if s.head == head and s.pooler is not None]
+    if specs:
+      fields['pooler'] = specs[0].pooler
   fields.update(model_overrides)
   return training_config(ckpt.family, fields)
 
 
-# --- the loaded model ----------------------------------------------------------------------------
+# --- the loaded model -----------------------------------------------------------------------------
 def hf_inputs(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=None,
               position_ids=None, decoder_input_ids=None, decoder_attention_mask=None,
               decoder_position_ids=None) -> dict[str, Any]:
@@ -418,6 +426,8 @@ def hf_inputs(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=N
     kw['segment_ids'] = jnp.asarray(np.asarray(attention_mask)).astype(jnp.int32)
   kw['positions'] = _positions(cfg, ids, position_ids)
   if token_type_ids is not None:
+    if not cfg.type_vocab_size:  # GPT-2 would add wte[token_type_ids]: refuse, not ignore
+      raise ValueError('this model has no token type embeddings: pass token_type_ids=None')
     kw['token_type_ids'] = jnp.asarray(np.asarray(token_type_ids), jnp.int32)
   if cfg.family == 'encoder_decoder':
     if decoder_input_ids is None:
@@ -503,7 +513,7 @@ def load(path: str, *, architecture: Optional[str] = None, scan_layers: bool = T
   return Loaded(config, build_model(cfg), params, ckpt.hf, ckpt.arch, ckpt.family.name, tok)
 
 
-# --- lab -> checkpoint ---------------------------------------------------------------------------
+# --- lab -> checkpoint ----------------------------------------------------------------------------
 def _semantic(cfg: ModelConfig, drop: Sequence[str] = ()) -> dict[str, Any]:
   """The fields that decide parameters and computation, normalized (derived values resolved,
   fields of unused features removed)."""
@@ -558,7 +568,8 @@ def to_hf(cfg: ModelConfig, params, *, family: Optional[str] = None,
   fam = mapping.FAMILIES[family] if family else mapping.infer_family(cfg)
   arch = architecture or fam.arch_for(cfg)
   if arch not in fam.archs:
-    raise UnsupportedError(f'{arch!r} is not a {fam.name} class; choose from {", ".join(fam.archs)}')
+    raise UnsupportedError(
+        f'{arch!r} is not a {fam.name} class; choose from {", ".join(fam.archs)}')
   labels = ('id2label', 'label2id', 'num_labels')  # kept from the base unless the head uses them
   hf = {k: v for k, v in (base_hf_config or {}).items() if k != 'architectures' and not (
       k in labels and cfg.head in ('classification', 'token_classification'))}
@@ -628,7 +639,7 @@ def save(obj: Any, path: str, *, family: Optional[str] = None,
   return path
 
 
-# --- initializing a lab run from a checkpoint ------------------------------------------------------
+# --- initializing a lab run from a checkpoint -----------------------------------------------------
 def load_params_for_config(hf_dir: str, model_config: Any, *, architecture: Optional[str] = None
                            ) -> tuple[dict[str, Any], tuple[str, ...]]:
   """The checkpoint's weights for a lab model config, for `--config.init_from=hf:<dir>`.
@@ -655,8 +666,8 @@ def load_params_for_config(hf_dir: str, model_config: Any, *, architecture: Opti
   drop = list(_RUNTIME_FIELDS) + list(_HEAD_FIELDS)
   if not target.positions_from_padding and not source.positions_from_padding:
     drop.append('pad_id')  # only RoBERTa-style positions read it
-  if target.position == 'learned':
-    drop.append('max_len')  # the table's shape decides (checked weight by weight below)
+  if target.position in ('learned', 'sinusoidal'):
+    drop.append('max_len')  # a learned table's shape is checked below; a sinusoidal one computed
   diffs = _diff(_semantic(source, drop), _semantic(target, drop))
   if diffs:
     raise HFCheckpointError(
