@@ -276,6 +276,31 @@ def evaluate(eval_step, params, data, setup, task, split=None) -> dict[str, floa
   return task.summarize(totals, 'eval')
 
 
+def _host_params(params):
+  """Parameters as host arrays on every process (gathered across processes when sharded)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_get(params)
+
+
+def generation_evals(config, step: int, params, data, writer, final: dict) -> None:
+  """Periodic BLEU (encoder_decoder, `bleu_every`) and samples (decoder, `sample_every`).
+
+  BLEU is computed on this process's share of the evaluation split (all of it in one process).
+  """
+  from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
+  family = config.model.family
+  at = lambda every: every and (step % every == 0 or step == config.num_steps)
+  if family == 'encoder_decoder' and at(config.bleu_every):
+    score = decoding.bleu_score(config, _host_params(params), data.tokenizer, data.eval_batches())
+    writer.write_scalars(step, {'eval/bleu': score})
+    final['eval/bleu'] = score
+  if family == 'decoder' and at(config.sample_every):
+    text = decoding.sample_text(config, _host_params(params), data.tokenizer, '', seed=step)
+    writer.write_text(f'sample at step {step}: {text!r}')
+
+
 # --- helpers for other entry points ----------------------------------------------------------------
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
@@ -404,6 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           scalars = evaluate(eval_step, state['params'], data, setup, task)
           writer.write_scalars(step, scalars)
           final.update(scalars)
+        if step != config.num_steps:
+          generation_evals(config, step, state['params'], data, writer, final)
         if at_ckpt or stop:
           ckpt.maybe_save(step, state, data.train_iter.get_state, force=stop)
         if stop:
@@ -415,6 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scalars = evaluate(eval_step, state['params'], data, setup, task)
       writer.write_scalars(step, scalars)
       final.update(scalars)
+      generation_evals(config, step, state['params'], data, writer, final)
       ckpt.save(step, state, data.train_iter.get_state)
   finally:
     guard.uninstall()

@@ -205,6 +205,8 @@ def test_each_objective_learns(tmp_path, tfds_dir, config_arg, overrides, eval_m
   c.optim.name, c.optim.learning_rate, c.optim.warmup_steps = 'adamw', 3e-3, 5
   if c.data.seq_len > 64:
     c.data.seq_len = 64
+  if c.model.family == 'encoder_decoder':
+    c.bleu_every = steps  # the periodic BLEU evaluation runs inside the loop
   for k, v in overrides.items():
     section, key = k.split('.')
     c[section][key] = v
@@ -212,6 +214,9 @@ def test_each_objective_learns(tmp_path, tfds_dir, config_arg, overrides, eval_m
   curve = losses(tmp_path / 'run')
   assert curve[steps] < curve[10] - 0.05, curve
   assert eval_metric in final and 0.0 <= final[eval_metric] <= 1.0
+  if c.model.family == 'encoder_decoder':
+    assert 0.0 <= final['eval/bleu'] <= 100.0
+    assert any('eval/bleu' in r for r in metrics_lib.read_metrics(str(tmp_path / 'run')))
 
 
 def test_sst2_fine_tuning_from_a_converted_hf_bert(tmp_path, tfds_dir):
