@@ -90,7 +90,13 @@ CACHE_CASES = (
      dict(family='encoder_decoder', position='sinusoidal', norm_position='post'),
      dict(family='encoder_decoder', position='relative_bias', norm_position='pre',
           relative_bias_shared=False),
-     dict(family='encoder_decoder', position='rope', norm_position='pre', num_kv_heads=1)])
+     dict(family='encoder_decoder', position='rope', norm_position='pre', num_kv_heads=1),
+     # the remaining scheme x norm placement pairs, so each family covers every scheme
+     dict(family='decoder', position='learned', norm_position='post'),
+     dict(family='decoder', position='sinusoidal', norm_position='post'),
+     dict(family='encoder_decoder', position='learned', norm_position='post'),
+     dict(family='encoder_decoder', position='alibi', norm_position='pre'),
+     dict(family='encoder_decoder', position='alibi', norm_position='post')])
 
 
 @pytest.mark.parametrize('kw', CACHE_CASES,
