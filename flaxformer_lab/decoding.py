@@ -334,13 +334,33 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
               steps=state['i'])
 
 
+def decode_layout(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """The config and params to decode with: unrolled layers (`layers_i`), no remat.
+
+  A scanned stack slices every layer's parameters out of the stacked arrays on every decode step
+  (a copy per layer per token on XLA CPU); unrolled, the slices are taken once per `generate`
+  call, outside the loop: about 10-25% faster decoding on the decode benchmark, compile time
+  growing with depth. Stacks with shared layers (share_layers) stay scanned.
+  """
+  from flaxformer_lab.models.stack import convert_layer_params  # pylint: disable=g-import-not-at-top
+  if cfg.remat_policy != 'none':  # no gradients here: remat would only add optimization barriers
+    cfg = cfg.replace(remat_policy='none')
+  if cfg.scan_layers and not cfg.share_layers:
+    cfg = cfg.replace(scan_layers=False)
+    params = convert_layer_params(params, scanned=False)
+  return cfg, params
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(options: _Options):
+def _compiled(options: _Options, unroll_layers: bool):
   def run(dynamic, params, prompt_BxL, lengths_B, rng, source_BxLs, src_seg_BxLs):
-    if options.strategy == 'beam':
-      return _beam_search(options, dynamic, params, prompt_BxL, lengths_B, source_BxLs,
-                          src_seg_BxLs)
-    return _sample_or_greedy(options, dynamic, params, prompt_BxL, lengths_B, rng, source_BxLs,
+    o = options
+    if unroll_layers:
+      cfg, params = decode_layout(o.cfg, params)
+      o = dataclasses.replace(o, cfg=cfg)
+    if o.strategy == 'beam':
+      return _beam_search(o, dynamic, params, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
+    return _sample_or_greedy(o, dynamic, params, prompt_BxL, lengths_B, rng, source_BxLs,
                              src_seg_BxLs)
   return jax.jit(run)
 
@@ -359,7 +379,7 @@ def generate(model_config: Any, params: Any, prompt_ids_BxL: Any = None,
              length_penalty: float = 0.6, eos_id: Any = tok_lib.EOS_ID,
              bos_id: int = tok_lib.BOS_ID, pad_id: Optional[int] = None,
              rng: Optional[jax.Array] = None, source_ids: Any = None,
-             source_segment_ids: Any = None) -> dict[str, jax.Array]:
+             source_segment_ids: Any = None, unroll_layers: bool = True) -> dict[str, jax.Array]:
   """Generates up to `max_new_tokens` tokens after each prompt, in one compiled loop.
 
   Args:
@@ -381,6 +401,10 @@ def generate(model_config: Any, params: Any, prompt_ids_BxL: Any = None,
     rng: a PRNG key (sampling only).
     source_ids: encoder input (int [B, Ls]) of an encoder_decoder.
     source_segment_ids: 1 real / 0 padding ([B, Ls]); None = `source_ids != pad_id`.
+    unroll_layers: decode a scanned model with unrolled layers (`decode_layout`: faster steps,
+      longer compile for deep models; the layers are sliced out once per call, so a caller that
+      decodes many times may convert once with `decode_layout` and pass that config and those
+      params). The results are the same.
 
   Returns:
     A dict of jax arrays: `tokens` [B, N] (new tokens only; a stop token is included and followed
@@ -450,7 +474,8 @@ def generate(model_config: Any, params: Any, prompt_ids_BxL: Any = None,
                      length_penalty=jnp.float32(length_penalty), stop_ids=jnp.asarray(stop_S))
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  return _compiled(options)(dynamic, params, prompt, lengths, rng, source_ids, source_segment_ids)
+  return _compiled(options, bool(unroll_layers))(dynamic, params, prompt, lengths, rng, source_ids,
+                                                 source_segment_ids)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -184,6 +184,8 @@ def test_sampling_top_k_one_is_greedy_and_seeds(decoder_model):
   cfg, params, prompt, lengths = decoder_model
   kw = dict(max_new_tokens=10, eos_id=None)
   greedy = np.asarray(decoding.generate(cfg, params, prompt, lengths, **kw)['tokens'])
+  scanned = decoding.generate(cfg, params, prompt, lengths, unroll_layers=False, **kw)
+  np.testing.assert_array_equal(np.asarray(scanned['tokens']), greedy)
   top1 = decoding.generate(cfg, params, prompt, lengths, strategy='sample', top_k=1,
                            temperature=1.5, rng=jax.random.PRNGKey(3), **kw)
   np.testing.assert_array_equal(np.asarray(top1['tokens']), greedy)
