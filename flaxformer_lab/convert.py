@@ -72,6 +72,8 @@ def convert(hf_dir: str, workdir: str, *, architecture: Optional[str] = None,
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter off; --verbosity=0 restores it
   overrides = {}
   if _HEAD.value:
     overrides['head'] = _HEAD.value
@@ -79,7 +81,6 @@ def main(argv):
     overrides['num_labels'] = _NUM_LABELS.value
   overrides['scan_layers'] = _SCAN.value
   _, fresh = convert(_HF_DIR.value, _WORKDIR.value, architecture=_ARCH.value, **overrides)
-  logging.info('wrote %s (freshly initialized: %s)', _WORKDIR.value, list(fresh) or 'nothing')
   print(f'wrote {_WORKDIR.value}' + (f' (fresh: {", ".join(fresh)})' if fresh else ''))
 
 

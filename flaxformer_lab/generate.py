@@ -18,6 +18,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json, tokenizer/, '
@@ -110,6 +111,8 @@ def main(argv):
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value:
     fail('--workdir is required')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter off; --verbosity=0 restores it
   from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
   try:
     config, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)

@@ -50,6 +50,8 @@ def parse_args(argv):
   p.add_argument('--threads', type=int, default=os.cpu_count() or 1,
                  help='torch.set_num_threads (XLA on CPU uses every core)')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--scanned_decode', action='store_true',
+                 help='decode with the scanned layer stack (generate(unroll_layers=False))')
   p.add_argument('--out', type=str, default=os.path.join(os.path.dirname(__file__), 'results.md'))
   return p.parse_args(argv)
 
@@ -156,7 +158,8 @@ def main(argv=None):
     for strategy, beams in (('greedy', 1), ('beam', args.beams)):
       lab_fn = lambda: jax.block_until_ready(decoding.generate(
           cfg, params, prompt, None, max_new_tokens=args.new_tokens, strategy=strategy,
-          num_beams=beams, length_penalty=0.0, eos_id=None)['tokens'])
+          num_beams=beams, length_penalty=0.0, eos_id=None,
+          unroll_layers=not args.scanned_decode)['tokens'])
       ids = torch.from_numpy(prompt.astype(np.int64))
 
       def hf_fn():
@@ -193,7 +196,8 @@ def main(argv=None):
            f'{cfg.num_heads} heads, mlp {cfg.hidden_dim}, vocab {cfg.vocab_size}, '
            f'{n_params / 1e6:.1f}M parameters, float32; prompt {args.prompt_len} tokens, '
            f'{args.new_tokens} new tokens, no stop token; best of {args.repeats} calls after a '
-           f'warm-up. Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at '
+           f'warm-up; lab layers {"scanned" if args.scanned_decode else "unrolled"} while '
+           f'decoding. Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at '
            f'the end. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, '
            f'{platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}), '
            f'torch {torch_version} ({args.threads} threads), transformers {hf_version}.')
