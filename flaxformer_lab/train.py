@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Optional
 
 from absl import logging
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -177,8 +178,8 @@ def init_from(config, setup: Setup, state):
 def merge_params(target, source, allowed_missing=()):
   """`target` with every leaf taken from `source`; shapes must match; only `allowed_missing`
   top-level paths may be absent from `source`, and `source` may hold nothing unknown."""
-  flat_t = {'/'.join(map(str, k)): v for k, v in _flatten(target)}
-  flat_s = {'/'.join(map(str, k)): v for k, v in _flatten(source)}
+  flat_t = traverse_util.flatten_dict(target, sep='/')
+  flat_s = traverse_util.flatten_dict(source, sep='/')
   unexpected = sorted(set(flat_s) - set(flat_t))
   if unexpected:
     raise ValueError(f'unexpected weight(s) in the source checkpoint: {", ".join(unexpected[:5])}')
@@ -193,26 +194,7 @@ def merge_params(target, source, allowed_missing=()):
       out[key] = value
     else:
       raise ValueError(f'weight {key} is missing from the source checkpoint')
-  return _unflatten(out)
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def _unflatten(flat):
-  out: dict = {}
-  for key, value in flat.items():
-    node = out
-    parts = key.split('/')
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = value
-  return out
+  return traverse_util.unflatten_dict(out, sep='/')
 
 
 # --- steps -----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import re
 from typing import Any, Optional, Sequence
 
 from absl import logging
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -168,25 +169,12 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 
 # --- lab parameter trees --------------------------------------------------------------------------
-def _flatten(tree, prefix=()) -> dict[str, Any]:
-  out = {}
-  if isinstance(tree, dict) or hasattr(tree, 'items'):
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (str(k),)))
-  else:
-    out['/'.join(prefix)] = tree
-  return out
+def _flatten(tree) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = out
-    parts = key.split('/')
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = value
-  return out
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
