@@ -82,12 +82,14 @@ class Attention(nn.Module):
       kernel = param_with_axes(self, 'qkv_kernel', default_kernel_init,
                                (x_BxTxD.shape[-1], 3, cfg.num_heads, cfg.head_width),
                                ('embed', 'qkv', 'heads', 'kv'))
-      qkv = jnp.einsum('bld,dchk->cblhk', x_BxTxD, kernel.astype(x_BxTxD.dtype))
+      # Output in the kernel's own order ([B, L, 3, H, K]): a plain [B*L, D] x [D, 3*H*K] matmul,
+      # with no per-call transpose of the kernel.
+      qkv_BxTx3xHxK = jnp.einsum('bld,dchk->blchk', x_BxTxD, kernel.astype(x_BxTxD.dtype))
       if cfg.qkv_bias:
         bias = param_with_axes(self, 'qkv_bias', nn.initializers.zeros,
                                (3, cfg.num_heads, cfg.head_width), ('qkv', 'heads', 'kv'))
-        qkv = qkv + bias[:, None, None].astype(x_BxTxD.dtype)
-      return qkv[0], qkv[1], qkv[2]
+        qkv_BxTx3xHxK = qkv_BxTx3xHxK + bias.astype(x_BxTxD.dtype)
+      return qkv_BxTx3xHxK[:, :, 0], qkv_BxTx3xHxK[:, :, 1], qkv_BxTx3xHxK[:, :, 2]
     q = self._proj('query', x_BxTxD, cfg.num_heads, ('heads', 'kv'))
     if x_kv is None:
       return q, None, None
