@@ -17,9 +17,12 @@ ensure_venv() {
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
   fi
-  if [ ! -f "$stamp" ] || [ "$reqs" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ "$reqs" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ] \
+     || [ pyproject.toml -nt "$stamp" ]; then
     echo "[launch] installing $reqs" >&2
     "$PY" -m pip install -q -r "$reqs"
+    # The package itself, editable: `python -m flaxformer_lab.main` then works from any directory.
+    "$PY" -m pip install -q --no-deps -e "$ROOT"
     touch "$stamp"
   fi
 }

@@ -78,7 +78,7 @@ def test_save_restore_exact_with_data_state(tmp_path):
 
 
 def test_from_config_stores_resolved_config(tmp_path):
-  from configs import common
+  from flaxformer_lab.presets import common
   config = common.base_config()
   config.checkpoint_every, config.keep_checkpoints, config.async_checkpoints = 5, 1, False
   with checkpoint.Checkpointer.from_config(str(tmp_path), config) as ck:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from configs.common import default_data_dir
+from flaxformer_lab.presets.common import default_data_dir
 from flaxformer_lab.data import builders
 
 SHARED = default_data_dir()

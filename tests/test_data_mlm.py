@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from configs.common import base_config
-from configs.common import default_data_dir
+from flaxformer_lab.presets.common import base_config
+from flaxformer_lab.presets.common import default_data_dir
 from flaxformer_lab.data import make_datasets
 from flaxformer_lab.data import preprocess
 from flaxformer_lab.data import tokenizers as tok_lib

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from configs.common import data_config
-from configs.common import default_data_dir
+from flaxformer_lab.presets.common import data_config
+from flaxformer_lab.presets.common import default_data_dir
 from flaxformer_lab.data import tokenizers as tok_lib
 from flaxformer_lab.data.pipeline import check_vocab_size
 

@@ -24,7 +24,7 @@ transformers = pytest.importorskip('transformers')
 
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
-from configs import common  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from flaxformer_lab.presets import common  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from flaxformer_lab.interop import hf_mapping  # pylint: disable=g-import-not-at-top
 from flaxformer_lab.interop import huggingface as hf  # pylint: disable=g-import-not-at-top
 from flaxformer_lab.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
@@ -231,7 +231,7 @@ def test_pytorch_bin_with_tied_duplicates(tmp_path):
 
 def test_lab_presets_export_to_transformers(tmp_path):
   """A lab model trained from scratch (random init here) opens in transformers with equal logits."""
-  from configs import gpt2, roberta  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.presets import gpt2, roberta  # pylint: disable=g-import-not-at-top
   # The RoBERTa MLM preset keeps RobertaModel's pooler: exported as RobertaForMaskedLM with the
   # pooler weights, as roberta-base is (transformers ignores them; the lab reads them back).
   for name, config, arch in (('gpt2', gpt2.get_config('tiny'), 'GPT2LMHeadModel'),
@@ -253,7 +253,7 @@ def test_lab_presets_export_to_transformers(tmp_path):
 
 
 def test_unrepresentable_lab_configs_are_refused(tmp_path):
-  from configs import roberta  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.presets import roberta  # pylint: disable=g-import-not-at-top
   # RoBERTa's classifier reads <s>, not a pooler: a lab classifier on the pooler has no HF class.
   config = roberta.get_config('tiny,task=classification')
   config.model.pooler = True
@@ -332,7 +332,7 @@ def test_buffers_are_checked_not_dropped(tmp_path):
 
 # --- init_from=hf:<dir> and the converter --------------------------------------------------------
 def _lab_bert(head='classification', **kw):
-  from configs import bert  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.presets import bert  # pylint: disable=g-import-not-at-top
   config = bert.get_config('tiny,task=classification')
   config.model.update(vocab_size=V, d_model=D, num_heads=H, num_layers=L, mlp_dim=F, max_len=P,
                       head=head, **kw)

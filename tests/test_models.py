@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import logical_axis_rules
+from flaxformer_lab.presets.common import logical_axis_rules
 from flaxformer_lab.models import positions as pos_lib
 from flaxformer_lab.models.attention import Attention, einsum_attention, library_attention
 from flaxformer_lab.models.config import ConfigError, ModelConfig

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from flaxformer_lab.presets import common
 from flaxformer_lab import optim
 
 

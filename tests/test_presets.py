@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from flaxformer_lab.presets import common
 from flaxformer_lab import optim
 from flaxformer_lab import summary
 from flaxformer_lab.models.config import ModelConfig
@@ -69,7 +69,7 @@ DATASETS = ('tiny_shakespeare', 'multi30k', 'sst2', 'ag_news', 'austen')
 
 
 def get_config(family, arg=None):
-  return importlib.import_module(f'configs.{family}').get_config(arg)
+  return importlib.import_module(f'flaxformer_lab.presets.{family}').get_config(arg)
 
 
 @pytest.mark.parametrize('family,variant', sorted(REFERENCE_BODY_PARAMS))

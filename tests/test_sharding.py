@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import multiprocess_util
-from configs import common
+from flaxformer_lab.presets import common
 from flaxformer_lab import sharding
 
 # --- checks that run with 8 CPU devices (in the subprocess) --------------------------------------

@@ -18,7 +18,7 @@ from flaxformer_lab import metrics as metrics_lib
 from flaxformer_lab import train
 from multiprocess_util import REPO_ROOT, base_env, launch_processes
 
-from configs import gpt2
+from flaxformer_lab.presets import gpt2
 
 # A tiny decoder run: no dropout so every layout computes the same function.
 TINY_LM = ['--config=configs/gpt2.py:tiny', '--config.num_steps=4', '--config.batch_size=8',
@@ -70,7 +70,7 @@ def test_one_device_mesh_and_two_processes_agree(tmp_path, tfds_dir):
 def test_fsdp_and_tensor_parallel_really_shard_parameters(tmp_path, tfds_dir):
   code = r'''
 import json
-from configs import gpt2
+from flaxformer_lab.presets import gpt2
 from flaxformer_lab import train
 c = gpt2.get_config('tiny')
 c.mesh.shape = (2, 2, 2)

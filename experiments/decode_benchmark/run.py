@@ -29,7 +29,7 @@ import numpy as np
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
 
-from configs import gpt2 as gpt2_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flaxformer_lab.presets import gpt2 as gpt2_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flaxformer_lab import decoding  # pylint: disable=wrong-import-position
 from flaxformer_lab.models.config import ModelConfig  # pylint: disable=wrong-import-position
 from flaxformer_lab.models.transformer import build_model  # pylint: disable=wrong-import-position

@@ -11,7 +11,7 @@ Supported: BERT, RoBERTa, XLM-R, ALBERT, DistilBERT (the base model, *ForMaskedL
 *ForSequenceClassification, *ForTokenClassification, Bert/AlbertForPreTraining); GPT-2 (GPT2Model,
 GPT2LMHeadModel); T5 v1.0 and v1.1 (T5Model, T5ForConditionalGeneration, T5EncoderModel); BART and
 Marian (the base model, BartForConditionalGeneration, MarianMTModel). Each maps to one lab config:
-the family preset of `configs/` with the model section from config.json (`hf_mapping.py`).
+the family preset of `flaxformer_lab/presets/` with the model section from config.json (`hf_mapping.py`).
 
 Loading is strict: a missing, unexpected or mis-shaped weight raises `HFCheckpointError` naming
 every such weight. What Hugging Face legitimately omits or duplicates is handled explicitly: tied
@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import common
 from flaxformer_lab.interop import hf_mapping as mapping
 from flaxformer_lab.interop.hf_mapping import UnsupportedError
+from flaxformer_lab.presets import common
 from flaxformer_lab.models.config import ModelConfig
 from flaxformer_lab.models.stack import convert_layer_params
 from flaxformer_lab.models.transformer import Transformer, build_model, dummy_inputs
@@ -353,7 +353,7 @@ def _convert(sd: dict[str, np.ndarray], cfg: ModelConfig, wmap: mapping.WeightMa
 
 
 def _preset_config(fam: mapping.Family, head: str) -> ml_collections.ConfigDict:
-  module = importlib.import_module(f'configs.{fam.preset}')
+  module = importlib.import_module(f'flaxformer_lab.presets.{fam.preset}')
   arg = None
   if fam.preset in _PRESETS_WITH_TASK_ARG:
     arg = 'task=classification' if head in ('classification', 'token_classification') else None

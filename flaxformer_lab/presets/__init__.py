@@ -1,0 +1,1 @@
+"""Model and training presets, one module per family (`get_config(arg)`); `configs/` re-exports them."""

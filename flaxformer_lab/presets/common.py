@@ -1,0 +1,178 @@
+"""Shared pieces of every config file: argument parsing, model defaults, and the training sections.
+
+A config file exposes `get_config(arg)`; `arg` is the text after the colon in
+`--config=configs/bert.py:base` (a bare variant name, or `key=value,...` pairs, big_vision style).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from flaxformer_lab.models.config import ModelConfig
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `variant` or `variant=base,key=value,flag` into a ConfigDict of typed values.
+
+  A bare first word sets `variant`; `key` alone sets a boolean True; values are converted to the type
+  of the default. An unknown key is an error naming the valid ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for i, part in enumerate(p for p in arg.split(',') if p):
+    if '=' not in part:
+      if i == 0 and 'variant' in defaults and part not in defaults:
+        key, value = 'variant', part
+      else:
+        key, value = part, 'True'
+    else:
+      key, value = part.split('=', 1)
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; valid: {", ".join(sorted(defaults))}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def model_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The model section: every `ModelConfig` field with its default, then `overrides`.
+
+  Field meanings are documented next to each field in `flaxformer_lab/models/config.py`.
+  """
+  cfg = ModelConfig().to_dict()
+  for key in overrides:
+    if key not in cfg:
+      raise KeyError(f'unknown model field {key!r}')
+  cfg.update(overrides)
+  # final_norm may be None (derived from norm_position); keep it typed so overrides work.
+  d = ml_collections.ConfigDict(cfg)
+  return d
+
+
+def default_data_dir() -> str:
+  """$FLAXFORMER_DATA, else ../shared/data beside the repository when it exists, else ''."""
+  env = os.environ.get('FLAXFORMER_DATA')
+  if env:
+    return env
+  # flaxformer_lab/presets/common.py -> the repository root -> ../shared/data beside it.
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  shared = os.path.join(os.path.dirname(root), 'shared', 'data')
+  return shared if os.path.isdir(shared) else ''
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.name = 'tiny_shakespeare'  # tiny_shakespeare | multi30k | sst2 | ag_news | synthetic_copy | ...
+  d.manual_dir = default_data_dir()  # where the raw files are read from (no download when present)
+  d.data_dir = os.environ.get('FLAXFORMER_TFDS_DIR', os.path.expanduser('~/tensorflow_datasets'))
+  d.tokenizer = 'byte'  # byte | char | sentencepiece
+  d.sp_vocab_size = 8000  # SentencePiece vocabulary size (trained on the training split, cached)
+  d.sp_model_type = 'unigram'  # unigram | bpe
+  d.source_lang = 'de'  # translation source (multi30k: en | de | fr)
+  d.target_lang = 'en'  # translation target
+  d.seq_len = 256  # tokens per example (decoder) or encoder input length
+  d.target_len = 0  # decoder length of an encoder_decoder (0 = seq_len)
+  d.pack = True  # pack several examples per row with segment ids (LM, seq2seq)
+  d.shuffle_seed = 0  # seed of the deterministic shuffle
+  d.num_workers = 0  # grain worker processes (0 = in the main process)
+  d.eval_split = 'validation'  # split used by periodic evaluation
+  d.eval_batches = 8  # batches per evaluation (0 = whole split)
+  d.max_examples = 0  # read only the first N examples of each split (0 = all); quick runs and tests
+  d.sp_input_sentence_size = 1_000_000  # lines sampled to train SentencePiece (0 = all)
+  d.mlm_probability = 0.15  # mlm: fraction of real tokens selected (80% [MASK], 10% random, 10% kept)
+  d.mlm_pairs = ''  # mlm: '' (single segments) | nsp (next-sentence) | sop (sentence-order) pair_label
+  d.synthetic_train_size = 10_000  # synthetic_*: training examples (synthetic_lm: lines of the stream)
+  d.synthetic_eval_size = 500  # synthetic_*: validation and test examples
+  d.synthetic_min_len = 2  # synthetic_*: shortest random string
+  d.synthetic_max_len = 20  # synthetic_*: longest random string
+  d.update(overrides)
+  return d
+
+
+def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
+  o.name = 'adamw'  # adamw | adafactor | lamb
+  o.learning_rate = 1e-3  # peak learning rate
+  o.schedule = 'cosine'  # constant | rsqrt (warmup then inverse sqrt) | linear (warmup, linear decay) | cosine
+  o.warmup_steps = 100  # linear warmup length (0 allowed)
+  o.end_lr_fraction = 0.0  # final lr as a fraction of the peak (linear, cosine)
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.01  # decoupled weight decay; never applied to norms and biases
+  o.grad_clip_norm = 1.0  # clip by global norm (0 = off)
+  o.grad_accum_steps = 1  # micro-batches accumulated per update
+  o.update(overrides)
+  return o
+
+
+def mesh_config(**overrides: Any) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
+  m.axis_names = ('data', 'fsdp', 'tensor')
+  m.update(overrides)
+  return m
+
+
+def logical_axis_rules() -> tuple[tuple[str, Any], ...]:
+  """Logical axis -> mesh axes. Model code only names logical axes; this table maps them."""
+  return (
+      ('batch', ('data', 'fsdp')),
+      ('activation_batch', ('data', 'fsdp')),
+      ('activation_length', None),
+      ('activation_embed', None),
+      ('activation_heads', 'tensor'),
+      ('activation_kv', None),
+      ('activation_mlp', 'tensor'),
+      ('activation_vocab', 'tensor'),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('kv', None),
+      ('qkv', None),
+      ('layers', None),
+      ('groups', None),
+      ('positions', None),
+      ('relpos_buckets', None),
+      ('type_vocab', None),
+      ('classes', None),
+      ('norm', None),
+      ('factor_embed', None),
+  )
+
+
+def base_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """A complete training config: model, task, data, optimizer, mesh and loop settings."""
+  c = ml_collections.ConfigDict()
+  c.model = model if model is not None else model_config()
+  c.task = 'lm'  # lm | seq2seq | classification | mlm (the objective; see flaxformer_lab/tasks)
+  c.data = data_config()
+  c.optim = optim_config()
+  c.mesh = mesh_config()
+  c.logical_axis_rules = logical_axis_rules()
+  c.seed = 0  # parameter init and dropout seed
+  c.batch_size = 32  # global batch (examples per update, summed over devices and processes)
+  c.num_steps = 1000  # optimizer updates
+  c.log_every = 50  # steps between training metric lines
+  c.eval_every = 250  # steps between evaluations (0 = only at the end)
+  c.checkpoint_every = 500  # steps between checkpoints
+  c.keep_checkpoints = 3  # the last K checkpoints are kept
+  c.async_checkpoints = True  # orbax saves in the background
+  c.label_smoothing = 0.0  # seq2seq/LM cross entropy label smoothing
+  c.init_from = ''  # '' | hf:<dir> (Hugging Face checkpoint) | a lab workdir to start from
+  c.bleu_every = 0  # encoder_decoder: steps between BLEU evaluations (0 = off)
+  c.sample_every = 0  # decoder: steps between printed samples (0 = off)
+  c.progress = 'auto'  # auto | bar | lines | off
+  c.stop_at_step = 0  # save and exit after this step as if preempted (0 = run to num_steps)
+  return c
