@@ -12,7 +12,7 @@ import difflib
 from typing import Any, Optional
 
 FAMILIES = ('encoder', 'decoder', 'encoder_decoder')
-NORM_POSITIONS = ('pre', 'post')
+NORM_POSITIONS = ('pre', 'post', 'deepnorm')
 NORM_TYPES = ('layernorm', 'rmsnorm')
 POSITIONS = ('learned', 'sinusoidal', 'relative_bias', 'rope', 'alibi', 'none')
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu', 'geglu', 'geglu_tanh', 'swiglu', 'reglu')
@@ -44,6 +44,7 @@ class ModelConfig:
 
   # --- normalization -----------------------------------------------------------------------------
   norm_position: str = 'pre'  # post: norm after each residual add (paper, BERT); pre: at branch start
+  # deepnorm: post-LN with the residual scaled by alpha and v/out/MLP init scaled by beta (DeepNet)
   norm_type: str = 'layernorm'  # layernorm | rmsnorm
   norm_use_bias: bool = True  # LayerNorm with a bias (ignored by rmsnorm, which has none)
   norm_use_scale: bool = True  # learned gain on every norm

@@ -101,17 +101,21 @@ class Mlp(nn.Module):
   """Position-wise feed-forward: D -> F -> D, optionally gated (GLU variants)."""
   cfg: ModelConfig
   deterministic: bool = True
+  kernel_init: Initializer = default_kernel_init  # of wi, wi_gate and wo (DeepNorm scales it)
 
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     dtype = dtype_of(cfg)
     act = activation_fn(cfg.activation)
-    h_BxLxF = Dense(cfg.hidden_dim, ('embed', 'mlp'), cfg.mlp_bias, dtype, name='wi')(x_BxLxD)
+    init = self.kernel_init
+    h_BxLxF = Dense(cfg.hidden_dim, ('embed', 'mlp'), cfg.mlp_bias, dtype, init,
+                    name='wi')(x_BxLxD)
     h_BxLxF = act(h_BxLxF)
     if cfg.gated:
-      h_BxLxF = h_BxLxF * Dense(cfg.hidden_dim, ('embed', 'mlp'), cfg.mlp_bias, dtype,
+      h_BxLxF = h_BxLxF * Dense(cfg.hidden_dim, ('embed', 'mlp'), cfg.mlp_bias, dtype, init,
                                 name='wi_gate')(x_BxLxD)
     h_BxLxF = constrain(h_BxLxF, ('activation_batch', 'activation_length', 'activation_mlp'))
     h_BxLxF = nn.Dropout(cfg.dropout_rate)(h_BxLxF, deterministic=self.deterministic)
-    return Dense(x_BxLxD.shape[-1], ('mlp', 'embed'), cfg.mlp_bias, dtype, name='wo')(h_BxLxF)
+    return Dense(x_BxLxD.shape[-1], ('mlp', 'embed'), cfg.mlp_bias, dtype, init,
+                 name='wo')(h_BxLxF)
