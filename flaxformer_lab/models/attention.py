@@ -2,12 +2,20 @@
 
 Shape letters: B batch, T query length, S key length, D d_model, H query heads, G kv heads,
 R = H // G query heads per kv head, K head width.
+
+Masks: a stack builds one `AttentionMask` per forward pass (`transformer.attention_mask`) and every
+layer reads it: the einsum backend adds its float `bias` (0 visible, NEG_INF hidden) to the scores,
+so no layer re-derives a mask with a `where` over [B, H, T, S]; the library backends read `visible`
+(booleans, as `jax.nn.dot_product_attention` wants) and, for cuDNN, `causal` (which lets the fused
+kernel skip the blocks above the diagonal). A plain boolean array is still accepted wherever a mask
+is (True = visible).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,12 +27,48 @@ from flaxformer_lab.models.positions import apply_rope
 NEG_INF = -1e10  # finite: a fully masked row gives a uniform softmax instead of NaN
 
 
+@flax.struct.dataclass
+class AttentionMask:
+  """Which keys each query sees, in the two forms the backends want (XLA drops the unused one).
+
+  visible: bool [B, 1, T, S], True where the key is visible.
+  bias:    float32 [B, 1, T, S], 0 where visible and NEG_INF where hidden (added to the scores).
+  causal:  static; True when the mask includes "no key after the query" with queries and keys on
+           the same positions 0..T-1 (a training/prefill self-attention), so a fused kernel may skip
+           the upper triangle. The segment/padding part is still in `visible`/`bias`.
+  """
+  visible: jax.Array
+  bias: jax.Array
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @classmethod
+  def from_visible(cls, visible_Bx1xTxS, causal: bool = False) -> 'AttentionMask':
+    bias = jnp.where(visible_Bx1xTxS, 0.0, NEG_INF).astype(jnp.float32)
+    return cls(visible=visible_Bx1xTxS, bias=bias, causal=causal)
+
+
+def _mask_parts(mask: Any):
+  """(boolean visible, additive float bias, causal) of an AttentionMask, a bool array or None."""
+  if mask is None:
+    return None, None, False
+  if isinstance(mask, AttentionMask):
+    return mask.visible, mask.bias, mask.causal
+  mask = jnp.asarray(mask)
+  if mask.dtype == jnp.bool_:
+    return mask, None, False
+  raise TypeError(f'an attention mask is an AttentionMask or a boolean array, got {mask.dtype}')
+
+
 def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
                      scale: float, dropout_rate: float = 0.0, dropout_rng=None,
                      deterministic: bool = True, dtype=jnp.float32):
-  """The reference implementation: explicit scores, float32 softmax, optional weight dropout."""
+  """The reference implementation: explicit scores, float32 softmax, optional weight dropout.
+
+  `mask_Bx1xTxS` is an `AttentionMask` (its additive bias is used) or a boolean array.
+  """
   b, t, h, k = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[2]
+  visible, mask_bias, _ = _mask_parts(mask_Bx1xTxS)
   q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k)
   scores_BxGxRxTxS = jnp.einsum('btgrk,bsgk->bgrts', q_BxTxGxRxK, k_BxSxGxK,
                                 preferred_element_type=jnp.float32) * scale
@@ -32,8 +76,10 @@ def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias
     bb = bias_BxHxTxS.shape[0]
     scores_BxGxRxTxS = scores_BxGxRxTxS + bias_BxHxTxS.astype(jnp.float32).reshape(
         bb, g, h // g, t, -1)
-  if mask_Bx1xTxS is not None:
-    scores_BxGxRxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, NEG_INF)
+  if mask_bias is not None:
+    scores_BxGxRxTxS = scores_BxGxRxTxS + mask_bias[:, :, None]
+  elif visible is not None:
+    scores_BxGxRxTxS = jnp.where(visible[:, :, None], scores_BxGxRxTxS, NEG_INF)
   weights = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
@@ -43,12 +89,20 @@ def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias
 
 
 def library_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
-                      scale: float, implementation: Optional[str]):
-  """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on GPU); GQA handled natively."""
+                      scale: float, implementation: Optional[str], causal: Optional[bool] = None):
+  """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on GPU); GQA handled natively.
+
+  `causal` (default: the mask's own flag, used by cuDNN only) adds is_causal, which the fused
+  kernel uses to skip the masked upper triangle; XLA would only build a second mask from it.
+  """
+  visible, _, mask_causal = _mask_parts(mask_Bx1xTxS)
+  causal = mask_causal if causal is None else causal
+  is_causal = bool(causal) and implementation == 'cudnn' and (
+      q_BxTxHxK.shape[1] == k_BxSxGxK.shape[1])
   return jax.nn.dot_product_attention(
       q_BxTxHxK, k_BxSxGxK, v_BxSxGxK,
       bias=None if bias_BxHxTxS is None else bias_BxHxTxS.astype(q_BxTxHxK.dtype),
-      mask=mask_Bx1xTxS, scale=scale, implementation=implementation)
+      mask=visible, scale=scale, is_causal=is_causal, implementation=implementation)
 
 
 class Attention(nn.Module):

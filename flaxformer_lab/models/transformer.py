@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxformer_lab.models import heads as heads_lib
+from flaxformer_lab.models.attention import AttentionMask
 from flaxformer_lab.models.config import ModelConfig
 from flaxformer_lab.models.embedding import Embeddings, TokenTable
 from flaxformer_lab.models.positions import RelativePositionBias, alibi_bias
@@ -25,8 +26,8 @@ from flaxformer_lab.models.positions import positions_from_segments
 from flaxformer_lab.models.stack import Stack
 
 
-def attention_mask(q_segments_BxT, k_segments_BxS, causal: bool, q_index_BxT=None,
-                   k_index_BxS=None):
+def visible_keys(q_segments_BxT, k_segments_BxS, causal: bool, q_index_BxT=None,
+                 k_index_BxS=None):
   """[B, 1, T, S] boolean: key is real, in the query's segment, and (causal) not in the future.
 
   A padding query (segment 0) attends to every real key, as Hugging Face's key-only masks do, so
@@ -39,6 +40,18 @@ def attention_mask(q_segments_BxT, k_segments_BxS, causal: bool, q_index_BxT=Non
   if causal:
     mask = mask & (k_index_BxS[:, None, :] <= q_index_BxT[:, :, None])
   return mask[:, None]
+
+
+def attention_mask(q_segments_BxT, k_segments_BxS, causal: bool, q_index_BxT=None,
+                   k_index_BxS=None) -> AttentionMask:
+  """The `AttentionMask` of `visible_keys`, built once per stack and read by every layer.
+
+  `causal` marks it for fused kernels only when queries and keys share the positions 0..T-1
+  (`q_index_BxT` is None or `k_index_BxS` is the same array), as in training and prefill.
+  """
+  visible = visible_keys(q_segments_BxT, k_segments_BxS, causal, q_index_BxT, k_index_BxS)
+  same_positions = q_index_BxT is None or q_index_BxT is k_index_BxS
+  return AttentionMask.from_visible(visible, causal=causal and same_positions)
 
 
 def _default_segments(ids_BxL, segment_ids):
@@ -134,7 +147,7 @@ class Transformer(nn.Module):
       k_pos = jnp.broadcast_to(cache_pos.value[None], (input_ids.shape[0],
                                                        cache_pos.value.shape[0]))
       # Cache slots are positions: a key is visible when written at or before the query's position.
-      mask = (k_pos[:, None, :] <= positions[:, :, None])[:, None]
+      mask = AttentionMask.from_visible((k_pos[:, None, :] <= positions[:, :, None])[:, None])
     else:
       positions = self._positions(input_ids, segments, positions)
       k_pos = positions
