@@ -88,6 +88,7 @@ class ModelConfig:
 
   # --- stacking ------------------------------------------------------------------------------------
   scan_layers: bool = True  # nn.scan over layers (compile time flat in depth) or a plain loop
+  scan_unroll: int = 1  # layers per scanned-loop iteration (same params; >= num_layers: unrolled)
   remat_policy: str = 'none'  # none | full | dots | dots_no_batch | save_attention_out
   share_layers: int = 0  # cross-layer sharing: number of parameter groups (ALBERT: 1); 0 = none
 
@@ -207,6 +208,8 @@ class ModelConfig:
           f'{self.num_kv_heads}; grouped-query attention needs whole groups')
     if self.position == 'rope' and self.head_width % 2:
       raise ConfigError(f'rope needs an even head width, got {self.head_width}')
+    if self.scan_unroll < 1:
+      raise ConfigError(f'model.scan_unroll must be >= 1, got {self.scan_unroll}')
     if self.share_layers:
       for n in {self.num_layers, self.decoder_layers if self.family == 'encoder_decoder' else
                 self.num_layers}:

@@ -59,16 +59,38 @@ class LMHead(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def gather_positions(hidden_BxLxD, positions_BxP):
+  """hidden_BxLxD[b, positions_BxP[b, p]] as [B, P, D] (a batched gather along the length)."""
+  return jnp.take_along_axis(hidden_BxLxD, positions_BxP.astype(jnp.int32)[:, :, None], axis=1)
+
+
 class MLMHead(nn.Module):
-  """BERT/ALBERT/DistilBERT masked-LM head: dense (D -> E), activation, norm, tied decoder + bias."""
+  """BERT/ALBERT/DistilBERT masked-LM head: dense (D -> E), activation, norm, tied decoder + bias.
+
+  Called with `masked_positions` (int [B, P]), the head scores only those positions, as BERT's own
+  pre-training code does (`max_predictions_per_seq`): the hidden states are gathered first and the
+  transform, norm and vocabulary projection run on [B, P, D], so the logits are [B, P, V]
+  (instead of [B, L, V]; with 15% of 128 tokens scored, P = 20, the head does 1/6.4 of the work).
+  The contract for the objective and the data pipeline that feed it:
+    - `masked_positions[b, p]` is an index into the length axis (0 <= index < L) of row b;
+      P is fixed per run (static shapes): rows with fewer selected tokens are padded with any
+      valid index (0 is customary) and those slots get weight 0;
+    - the targets and weights of the loss are then [B, P] (BERT: `masked_lm_ids`,
+      `masked_lm_weights`), aligned with `masked_positions`; a real position appears once;
+    - the result equals the full head's logits restricted to those positions
+      (`full[b, masked_positions[b, p]]`), so the loss is unchanged (tests/test_perf_equivalence).
+  Without `masked_positions` every position is scored ([B, L, V]).
+  """
   cfg: ModelConfig
   tokens: TokenTable
 
   @nn.compact
-  def __call__(self, hidden_BxLxD):
+  def __call__(self, hidden_BxLxD, masked_positions_BxP=None):
     cfg = self.cfg
     dtype = dtype_of(cfg)
     h = hidden_BxLxD
+    if masked_positions_BxP is not None:
+      h = gather_positions(h, masked_positions_BxP)  # [B, P, D]
     if cfg.head_transform:
       h = Dense(cfg.embed_dim, ('embed', 'factor_embed'), True, dtype, name='transform')(h)
       h = activation_fn(cfg.head_activation)(h)

@@ -86,7 +86,8 @@ class Stack(nn.Module):
     if cfg.scan_layers:
       scanned = nn.scan(body_cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
                         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,),
-                        length=groups, metadata_params={nn.PARTITION_NAME: 'layers'})
+                        length=groups, metadata_params={nn.PARTITION_NAME: 'layers'},
+                        unroll=min(cfg.scan_unroll, groups))
       x_BxTxD, _ = scanned(*body_args, name='layers')(x_BxTxD, aux)
     else:
       if cfg.share_layers and self.decode:

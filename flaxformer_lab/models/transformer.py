@@ -169,9 +169,13 @@ class Transformer(nn.Module):
 
   def __call__(self, input_ids, *, segment_ids=None, positions=None, token_type_ids=None,
                language_ids=None, decoder_input_ids=None, decoder_segment_ids=None,
-               decoder_positions=None, encoded=None) -> dict[str, Any]:
+               decoder_positions=None, encoded=None, masked_positions=None) -> dict[str, Any]:
     """Returns a dict: 'logits' (the head's output), 'hidden', and where they exist 'pooled',
-    'pair_logits' (NSP/SOP) and 'encoded'."""
+    'pair_logits' (NSP/SOP) and 'encoded'.
+
+    `masked_positions` (int [B, P], MLM heads only): score only those positions, so 'logits' is
+    [B, P, V] (see `heads.MLMHead` for the contract); None scores every position.
+    """
     cfg = self.config
     out: dict[str, Any] = {}
     if cfg.family == 'decoder':
@@ -197,10 +201,12 @@ class Transformer(nn.Module):
       pooled = self.pooler(hidden)
       out['pooled'] = pooled
     head = cfg.head
+    if masked_positions is not None and head not in ('mlm', 'mlm_nsp'):
+      raise ValueError(f'masked_positions is for an MLM head, not model.head={head!r}')
     if head in ('lm', 'seq2seq_lm'):
       out['logits'] = self.lm_head(hidden)
     elif head in ('mlm', 'mlm_nsp'):
-      out['logits'] = self.mlm_head(hidden)
+      out['logits'] = self.mlm_head(hidden, masked_positions)
     elif head == 'classification':
       out['logits'] = self.classifier(hidden, segments != 0, pooled)
     elif head == 'token_classification':

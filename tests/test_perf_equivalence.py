@@ -1,0 +1,223 @@
+"""The speed changes of issue 12 leave outputs and gradients unchanged (float32 tolerance):
+one additive mask bias per stack, scan unrolling, MLM scoring on masked positions only, and the
+fast cross entropy through a whole model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lab import losses
+from flaxformer_lab.models import transformer as transformer_lib
+from flaxformer_lab.models.attention import AttentionMask, einsum_attention
+from flaxformer_lab.models.config import ConfigError, ModelConfig
+from flaxformer_lab.models.heads import gather_positions
+from flaxformer_lab.models.transformer import build_model, dummy_inputs
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def tiny(**kw) -> ModelConfig:
+  base = dict(vocab_size=61, d_model=32, num_heads=4, mlp_dim=48, num_layers=3, max_len=32,
+              dropout_rate=0.0, attention_dropout_rate=0.0, classifier_dropout=0.0)
+  base.update(kw)
+  if base.get('family') == 'encoder' and 'head' not in kw:
+    base['head'] = 'mlm'
+  if base.get('family') == 'encoder_decoder' and 'head' not in kw:
+    base['head'] = 'seq2seq_lm'
+  return ModelConfig(**base).replace()
+
+
+def init(cfg, seed=0):
+  model = build_model(cfg)
+  variables = model.init(jax.random.PRNGKey(seed), **dummy_inputs(cfg, 2, 10))
+  return nn.meta.unbox(variables['params'])
+
+
+def padded_inputs(cfg, seed=1, b=3, l=10):
+  """Packed and padded rows: two segments in row 0, right padding in rows 1 and 2."""
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (b, l), 1, cfg.vocab_size))
+  seg = np.ones((b, l), np.int32)
+  seg[0, 6:] = 2
+  seg[1, 7:] = 0
+  seg[2, 4:] = 0
+  ids = np.where(seg == 0, 0, ids)
+  kw = dict(input_ids=jnp.asarray(ids), segment_ids=jnp.asarray(seg))
+  if cfg.family == 'encoder_decoder':
+    kw['decoder_input_ids'] = jnp.asarray(ids[:, ::-1].copy())
+    kw['decoder_segment_ids'] = jnp.asarray(seg)
+  return kw
+
+
+def loss_and_grads(cfg, params, kw, deterministic=True, rng=None):
+  model = build_model(cfg, deterministic=deterministic)
+
+  def loss(p):
+    out = model.apply({'params': p}, rngs=None if rng is None else {'dropout': rng}, **kw)
+    return jnp.mean(jnp.square(out['logits'])) + jnp.mean(jnp.square(out['hidden']))
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+# --- one additive mask bias ------------------------------------------------------------------------
+@pytest.mark.parametrize('family, position', [
+    ('decoder', 'learned'), ('decoder', 'alibi'), ('encoder', 'relative_bias'),
+    ('encoder_decoder', 'relative_bias'), ('encoder_decoder', 'rope')])
+def test_additive_mask_bias_equals_the_per_layer_where(family, position, monkeypatch):
+  """The model with AttentionMask (bias added) against the old boolean masks (where per layer)."""
+  cfg = tiny(family=family, position=position)
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  new_loss, new_grads = loss_and_grads(cfg, params, kw)
+  # The old form: a boolean [B, 1, T, S] mask that every layer applies with jnp.where.
+  monkeypatch.setattr(transformer_lib, 'attention_mask', transformer_lib.visible_keys)
+  old_loss, old_grads = loss_and_grads(cfg, params, kw)
+  np.testing.assert_allclose(new_loss, old_loss, rtol=1e-6)
+  assert_trees_close(new_grads, old_grads)
+
+
+def test_einsum_attention_bias_and_boolean_masks_agree_with_gradients():
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(k[0], (2, 5, 4, 8))
+  kk = jax.random.normal(k[1], (2, 7, 2, 8))
+  v = jax.random.normal(k[2], (2, 7, 2, 8))
+  visible = jax.random.bernoulli(k[3], 0.6, (2, 1, 5, 7)).at[..., 0].set(True)
+
+  def f(mask):
+    return jax.value_and_grad(
+        lambda q, kk, v: jnp.sum(jnp.sin(einsum_attention(q, kk, v, mask_Bx1xTxS=mask,
+                                                           scale=0.3))), argnums=(0, 1, 2))(q, kk, v)
+
+  (a, ga), (b, gb) = f(AttentionMask.from_visible(visible)), f(visible)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert_trees_close(ga, gb)
+  # A fully masked row gives the same uniform weights in both forms (its query's gradient differs:
+  # the bias form lets it through; no loss in the lab reads such a row, padding queries see keys).
+  empty = visible.at[1, 0, 2].set(False)
+  out_bias = einsum_attention(q, kk, v, mask_Bx1xTxS=AttentionMask.from_visible(empty), scale=0.3)
+  out_bool = einsum_attention(q, kk, v, mask_Bx1xTxS=empty, scale=0.3)
+  np.testing.assert_allclose(out_bias, out_bool, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(out_bias[1, 2], jnp.repeat(jnp.mean(v[1], 0), 2, axis=0), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_mask_is_built_once_and_marked_causal_only_where_a_fused_kernel_may_use_it():
+  seg = jnp.ones((2, 6), jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  causal = transformer_lib.attention_mask(seg, seg, causal=True, q_index_BxT=index,
+                                          k_index_BxS=index)
+  assert causal.causal and causal.bias.dtype == jnp.float32
+  np.testing.assert_array_equal(causal.visible[0, 0], np.tril(np.ones((6, 6), bool)))
+  np.testing.assert_array_equal(causal.bias == 0, causal.visible)
+  assert not transformer_lib.attention_mask(seg, seg, causal=False).causal
+  other = jnp.broadcast_to(jnp.arange(6) + 3, (2, 6))  # queries at other positions than keys
+  assert not transformer_lib.attention_mask(seg, seg, True, q_index_BxT=other,
+                                            k_index_BxS=index).causal
+
+
+# --- scan unrolling --------------------------------------------------------------------------------
+@pytest.mark.parametrize('family', ['decoder', 'encoder_decoder'])
+def test_scan_unroll_changes_nothing(family):
+  cfg = tiny(family=family, num_layers=4, dropout_rate=0.1, attention_dropout_rate=0.1)
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  rng = jax.random.PRNGKey(5)
+  ref = loss_and_grads(cfg, params, kw, deterministic=False, rng=rng)
+  for unroll in (2, 4, 9):
+    got = loss_and_grads(cfg.replace(scan_unroll=unroll), params, kw, deterministic=False,
+                         rng=rng)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)  # same dropout masks too
+    assert_trees_close(got[1], ref[1])
+  with pytest.raises(ConfigError, match='scan_unroll'):
+    cfg.replace(scan_unroll=0)
+
+
+# --- MLM head on masked positions only -------------------------------------------------------------
+@pytest.mark.parametrize('head, emb_dim', [('mlm', 0), ('mlm_nsp', 16)])
+def test_masked_position_scoring_equals_full_scoring_restricted(head, emb_dim):
+  cfg = tiny(family='encoder', head=head, pooler=head == 'mlm_nsp', emb_dim=emb_dim,
+             type_vocab_size=2)
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  model = build_model(cfg)
+  positions = jnp.asarray([[1, 4, 8, 0], [0, 2, 5, 6], [3, 1, 0, 0]], jnp.int32)  # [B, P]
+  full = model.apply({'params': params}, **kw)['logits']  # [B, L, V]
+  part = model.apply({'params': params}, masked_positions=positions, **kw)['logits']
+  assert part.shape == (3, 4, cfg.vocab_size)
+  np.testing.assert_allclose(part, gather_positions(full, positions), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_position_loss_and_gradients_equal_full_scoring():
+  """The MLM loss on gathered positions = the loss on all positions weighted at those positions."""
+  cfg = tiny(family='encoder', head='mlm')
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  model = build_model(cfg)
+  b, l = kw['input_ids'].shape
+  positions = jnp.asarray([[1, 4, 8, 0], [0, 2, 5, 6], [3, 1, 0, 0]], jnp.int32)
+  p_weights = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], jnp.float32)  # 0 = padding
+  p_targets = jax.random.randint(jax.random.PRNGKey(9), positions.shape, 1, cfg.vocab_size)
+  rows = jnp.arange(b)[:, None]
+  full_w = jnp.zeros((b, l)).at[rows, positions].add(p_weights)
+  full_t = jnp.zeros((b, l), jnp.int32).at[rows, positions].max(
+      jnp.where(p_weights > 0, p_targets, 0))
+
+  def loss_full(p):
+    s = losses.cross_entropy(model.apply({'params': p}, **kw)['logits'], full_t, full_w)
+    return s[0] / s[3]
+
+  def loss_masked(p):
+    out = model.apply({'params': p}, masked_positions=positions, **kw)['logits']
+    s = losses.cross_entropy(out, p_targets, p_weights)
+    return s[0] / s[3]
+
+  a, ga = jax.jit(jax.value_and_grad(loss_full))(params)
+  c, gc = jax.jit(jax.value_and_grad(loss_masked))(params)
+  np.testing.assert_allclose(c, a, rtol=1e-5)
+  assert_trees_close(gc, ga)
+
+
+def test_masked_positions_are_refused_for_other_heads():
+  cfg = tiny(family='decoder')
+  params = init(cfg)
+  with pytest.raises(ValueError, match='masked_positions'):
+    build_model(cfg).apply({'params': params}, jnp.ones((1, 4), jnp.int32),
+                           masked_positions=jnp.zeros((1, 2), jnp.int32))
+
+
+# --- the fast cross entropy through a model --------------------------------------------------------
+@pytest.mark.parametrize('family, smoothing', [('decoder', 0.0), ('encoder_decoder', 0.1)])
+def test_fast_loss_equals_the_old_formulation_through_the_model(family, smoothing):
+  cfg = tiny(family=family)
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  model = build_model(cfg)
+  seg = kw.get('decoder_segment_ids', kw['segment_ids'])
+  targets = jax.random.randint(jax.random.PRNGKey(3), seg.shape, 1, cfg.vocab_size)
+  weights = (seg > 0).astype(jnp.float32)
+
+  def loss(fn):
+    def f(p):
+      s = fn(model.apply({'params': p}, **kw)['logits'], targets, weights, smoothing)
+      return s[0] / s[3], s
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+  (new, new_sums), new_g = loss(losses.cross_entropy)
+  (old, old_sums), old_g = loss(losses.reference_cross_entropy)
+  assert abs(float(new) - float(old)) <= 1e-5 * abs(float(old))
+  for x, y in zip(new_sums, old_sums):
+    assert abs(float(x) - float(y)) <= 1e-5 * max(abs(float(y)), 1e-6)
+  leaves_new, leaves_old = jax.tree.leaves(new_g), jax.tree.leaves(old_g)
+  overall = max(float(jnp.max(jnp.abs(y))) for y in leaves_old)
+  for x, y in zip(leaves_new, leaves_old):
+    # Relative to the leaf's own scale; leaves whose gradient is float32 noise around zero
+    # (a parameter that cancels out, ~1e-11) are compared at 1e-3 of the largest gradient.
+    scale = max(float(jnp.max(jnp.abs(y))), 1e-3 * overall)
+    assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale
