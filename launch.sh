@@ -4,6 +4,8 @@
 #                       (a character-level decoder on tiny shakespeare, CPU) and print a sample
 #   ./launch.sh test    same environment plus test requirements, then run the test suite
 #   ./launch.sh train --config=configs/gpt2.py:tiny --workdir=/tmp/run [--config.key=value ...]
+#   ./launch.sh sweep --sweep=experiments/prepost_ln/config.py:smoke --workdir=/tmp/sweep
+#                       [--backend=local|slurm|tpu] [--parallel=N] [--dry_run] [--status] [--summarize]
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT="$(pwd)"
@@ -51,6 +53,10 @@ case "$cmd" in
     ensure_venv requirements.txt
     exec "$PY" -m flaxformer_lab.main "$@"
     ;;
+  sweep)
+    ensure_venv requirements.txt
+    exec "$PY" -m flaxformer_lab.sweep "$@"
+    ;;
   *)
-    echo "usage: ./launch.sh demo|test|train [args]" >&2; exit 2 ;;
+    echo "usage: ./launch.sh demo|test|train|sweep [args]" >&2; exit 2 ;;
 esac

@@ -16,6 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import jax
+
+from flaxformer_lab import runlock
 from flaxformer_lab import sharding
 
 FLAGS = flags.FLAGS
@@ -101,8 +104,13 @@ def main(argv):
     train.validate_config(config)
   except (ConfigError, ValueError) as e:
     fail(str(e).splitlines()[0])
+  try:  # one training per run directory; held until this process exits (see runlock.py)
+    run_lock = runlock.RunLock(_WORKDIR.value, enabled=jax.process_index() == 0).acquire()
+  except runlock.RunLockedError as e:
+    fail(str(e))
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
+    run_lock.release()
   except train.NonFiniteLossError as e:
     logging.error('%s', e)
     fail(str(e), code=3)

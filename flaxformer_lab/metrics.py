@@ -21,6 +21,18 @@ Files (process 0 only): `<workdir>/metrics.jsonl`, one JSON object per `write_sc
 may be separate lines; `read_metrics` merges them), and TensorBoard events under
 `<workdir>/tensorboard`. `plot_metrics` (flaxformer_lab/plotting.py) draws `<workdir>/loss_curve.png`;
 `summarize_runs` + `format_table` compare several workdirs.
+
+Every file goes through `etils.epath`, so a workdir may be a bucket (`gs://...`); there, where
+objects cannot be appended to, metrics.jsonl is rewritten whole at each write (it stays small).
+
+Optional sinks, from the run's config (the `config` argument, else `<workdir>/config.json`, which
+the train loop writes before opening the writer):
+- Weights & Biases when `config.wandb.project` is set (package `wandb`, imported only then): the
+  run id is kept in `<workdir>/wandb_id.txt`, so a resumed run continues the same W&B run
+  (`resume='allow'`); runs are grouped by `wandb.group`, else by the sweep name; `wandb.mode`
+  (or $WANDB_MODE) = offline logs without network. W&B cannot rewind: after a resume, the steps
+  that are recomputed are dropped by W&B (it keeps the values logged before the interruption).
+- `write_hparams` (used by the sweep summary) writes TensorBoard's HParams records.
 """
 
 from __future__ import annotations
@@ -28,17 +40,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
 PROGRESS_MODES = ('auto', 'bar', 'lines', 'off')
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+WANDB_ID_FILE = 'wandb_id.txt'
+
+
+def is_local(path: str) -> bool:
+  """False for URLs such as gs://bucket/dir."""
+  return '://' not in str(path)
 
 
 def to_float(value: Any, key: str = '') -> float:
@@ -246,22 +267,92 @@ class ConsoleReporter:
       self._bar = None
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-  """Drops records with step > last_step (written after the checkpoint we resume from)."""
-  with open(path) as f:
-    lines = f.readlines()
+def _truncate_jsonl(path: epath.Path, last_step: int) -> list[str]:
+  """Drops records with step > last_step (written after the checkpoint we resume from); returns
+  the kept lines."""
   keep = []
-  for line in lines:
+  for line in path.read_text().splitlines():
     try:
       rec = json.loads(line)
     except json.JSONDecodeError:
       continue  # a line cut by a crash
     if rec.get('step', -1) <= last_step:
       keep.append(json.dumps(rec) + '\n')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  if is_local(str(path)):
+    tmp = str(path) + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, str(path))
+  else:
+    path.write_text(''.join(keep))
+  return keep
+
+
+class _JsonlFile:
+  """Appends lines: a real append locally, a whole rewrite on object stores (no append there)."""
+
+  def __init__(self, path: epath.Path, existing: list[str] | None = None):
+    self.path = path
+    self._local = is_local(str(path))
+    if self._local:
+      self._f = open(str(path), 'a')
+    else:
+      self._lines = existing if existing is not None else (
+          path.read_text().splitlines(keepends=True) if path.exists() else [])
+
+  def write(self, line: str) -> None:
+    if self._local:
+      self._f.write(line)
+      self._f.flush()
+    else:
+      self._lines.append(line)
+      self.path.write_text(''.join(self._lines))
+
+  def close(self) -> None:
+    if self._local:
+      self._f.close()
+
+
+def _load_config(workdir: str, config: Any) -> dict[str, Any]:
+  if config is not None:
+    return config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  path = epath.Path(workdir) / 'config.json'
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, ValueError, OSError):
+    return {}
+
+
+class WandbRun:
+  """A W&B run for a workdir; its id lives in `<workdir>/wandb_id.txt` so resumes continue it."""
+
+  def __init__(self, workdir: str, config: Mapping[str, Any]):
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError('config.wandb.project is set but wandb is not installed: pip install '
+                        'wandb (or pip install -e ".[cluster]"), or set --config.wandb.project=""'
+                        ) from None
+    w, sweep = dict(config.get('wandb', {})), dict(config.get('sweep', {}))
+    id_path = epath.Path(workdir) / WANDB_ID_FILE
+    if id_path.exists():
+      run_id = id_path.read_text().strip()
+    else:
+      run_id = ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+      id_path.write_text(run_id + '\n')
+    local_dir = workdir if is_local(workdir) else None  # wandb writes its files locally
+    name = sweep.get('run') or os.path.basename(os.path.normpath(str(workdir)))
+    self.run = wandb.init(project=w['project'], entity=w.get('entity') or None,
+                          group=w.get('group') or sweep.get('name') or None, name=name,
+                          id=run_id, resume='allow', config=dict(config), dir=local_dir,
+                          mode=w.get('mode') or None)
+    self.id = run_id
+
+  def log(self, step: int, values: Mapping[str, float]) -> None:
+    self.run.log(dict(values), step=int(step))
+
+  def close(self) -> None:
+    self.run.finish()
 
 
 class MetricWriter:
@@ -269,7 +360,8 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, total_steps: int | None = None, progress: str = 'auto',
                start_step: int | None = None, tensorboard: bool = True,
-               is_primary: bool | None = None, stream: TextIO | None = None):
+               is_primary: bool | None = None, stream: TextIO | None = None,
+               config: Any = None):
     """Opens the sinks.
 
     Args:
@@ -282,19 +374,23 @@ class MetricWriter:
       tensorboard: write TensorBoard events (needs tensorboardX).
       is_primary: whether this process writes (default: jax.process_index() == 0).
       stream: console stream (default sys.stdout).
+      config: the run's config (ConfigDict or dict), for the optional W&B sink; None reads
+        `<workdir>/config.json` when there is one.
     """
-    self.workdir = workdir
+    self.workdir = str(workdir)
     self.is_primary = jax.process_index() == 0 if is_primary is None else bool(is_primary)
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = epath.Path(self.workdir) / METRICS_FILE
     self._file = None
     self._tb = None
     self._console = None
+    self._wandb = None
     if not self.is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if start_step is not None and os.path.exists(self.path):
-      _truncate_jsonl(self.path, int(start_step))
-    self._file = open(self.path, 'a')
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    existing = None
+    if start_step is not None and self.path.exists():
+      existing = _truncate_jsonl(self.path, int(start_step))
+    self._file = _JsonlFile(self.path, existing)
     if tensorboard:
       try:
         import tensorboardX  # pylint: disable=g-import-not-at-top
@@ -302,8 +398,11 @@ class MetricWriter:
         raise ImportError('tensorboardX is not installed: install it (requirements.txt) or pass '
                           'tensorboard=False') from e
       purge = None if start_step is None else int(start_step) + 1
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+      self._tb = tensorboardX.SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
                                             purge_step=purge, flush_secs=30)
+    run_config = _load_config(self.workdir, config)
+    if run_config.get('wandb', {}).get('project'):
+      self._wandb = WandbRun(self.workdir, run_config)
     self._console = ConsoleReporter(progress, total_steps, int(start_step or 0), stream)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -314,10 +413,11 @@ class MetricWriter:
     step = int(step)
     record = {'step': step, 'time': round(time.time(), 3), **values}
     self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(step, values)
     self._console.report(step, values)
 
   def progress(self, step: int) -> None:
@@ -331,8 +431,6 @@ class MetricWriter:
       self._console.write(text)
 
   def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
     if self._tb is not None:
       self._tb.flush()
 
@@ -343,6 +441,9 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
     if self._console is not None:
       self._console.close()
       self._console = None
@@ -363,9 +464,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   If a step was logged more than once (e.g. a resumed run appended without truncation), the
   later value of each key wins. A malformed line (a crash mid-write) is skipped with a warning.
   """
-  path = os.path.join(workdir, METRICS_FILE)
+  path = epath.Path(workdir) / METRICS_FILE
   by_step: dict[int, dict[str, Any]] = {}
-  with open(path) as f:
+  with path.open('r') as f:
     for i, line in enumerate(f):
       if not line.strip():
         continue
@@ -433,6 +534,26 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
   lines = [fmt(columns), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
   lines += [fmt(b) for b in body]
   return '\n'.join(lines)
+
+
+def write_hparams(logdir: str, runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, float]]]
+                  ) -> None:
+  """TensorBoard HParams records (tensorboardX): one session per (run name, hparams, metrics).
+
+  `logdir` is replaced: each run gets `<logdir>/<run name>/`; open it with
+  `tensorboard --logdir <logdir>` and the HPARAMS tab. Values that are not bool/int/float/str
+  are written as text; metric values must be floats (NaN for a missing one).
+  """
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  root = epath.Path(logdir)
+  if root.exists():
+    root.rmtree()
+  root.mkdir(parents=True, exist_ok=True)
+  with tensorboardX.SummaryWriter(str(root)) as writer:
+    for name, hparams, metric_values in runs:
+      hp = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+      mv = {k: float('nan') if v is None else float(v) for k, v in metric_values.items()}
+      writer.add_hparams(hp, mv, name=name)
 
 
 def plot_metrics(workdir: str, **kwargs) -> str:

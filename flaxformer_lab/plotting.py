@@ -1,11 +1,27 @@
-"""Loss curves from a run's metrics.jsonl (matplotlib's Agg canvas: no display, no global backend)."""
+"""Loss curves from a run's metrics.jsonl (matplotlib's Agg canvas: no display, no global backend).
+
+PNGs are written through etils.epath (`save_figure`), so a workdir may be a bucket (gs://...).
+"""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Sequence
 
+from etils import epath
+
 from flaxformer_lab import metrics
+
+
+def save_figure(fig, out_path: str) -> str:
+  """Writes a matplotlib figure as PNG to a local path or a gs:// URL."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
+  path = epath.Path(out_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buf.getvalue())
+  return str(out_path)
 
 
 def plot_metrics(workdir: str, out_path: str | None = None,
@@ -46,5 +62,4 @@ def plot_metrics(workdir: str, out_path: str | None = None,
   ax.set_title(title or os.path.basename(os.path.normpath(workdir)))
   fig.tight_layout()
   out_path = out_path or os.path.join(workdir, 'loss_curve.png')
-  fig.savefig(out_path)
-  return out_path
+  return save_figure(fig, out_path)

@@ -175,4 +175,13 @@ def base_config(model: ml_collections.ConfigDict | None = None) -> ml_collection
   c.sample_every = 0  # decoder: steps between printed samples (0 = off)
   c.progress = 'auto'  # auto | bar | lines | off
   c.stop_at_step = 0  # save and exit after this step as if preempted (0 = run to num_steps)
+  c.sweep = ml_collections.ConfigDict()  # set by `python -m flaxformer_lab.sweep`; kept in config.json
+  c.sweep.name = ''  # the sweep this run belongs to ('' = not a sweep run)
+  c.sweep.run = ''  # the run's name within the sweep (its directory name)
+  c.sweep.coordinates = '{}'  # JSON: the run's overrides {dotted key: value}
+  c.wandb = ml_collections.ConfigDict()  # Weights & Biases logging (optional `wandb` package)
+  c.wandb.project = ''  # '' = off
+  c.wandb.entity = ''  # team or user ('' = the default of the logged-in account)
+  c.wandb.group = ''  # runs grouped under this name ('' = sweep.name)
+  c.wandb.mode = ''  # online | offline | disabled ('' = wandb's default / $WANDB_MODE)
   return c
