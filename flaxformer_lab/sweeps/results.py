@@ -39,7 +39,8 @@ HPARAMS_DIR = 'tensorboard_hparams'
 def status_rows(sweep: Sweep) -> list[dict[str, Any]]:
   rows = []
   for run in sweep.runs:
-    st = state_lib.run_state(run.workdir)
+    st = state_lib.run_state(run.workdir, run.overrides.get('num_steps',
+                                                           sweep.base_config.get('num_steps')))
     note = ''
     if st.status == 'running' and st.holder:
       note = f'pid {st.holder.get("pid")} on {st.holder.get("host")}'
@@ -136,15 +137,17 @@ def write_hparams(sweep: Sweep, rows: Sequence[dict[str, Any]], metric: str) -> 
 def plot_spec(sweep: Sweep) -> dict[str, Any]:
   """{'x', 'color', 'style', 'panels'} as dotted keys (from get_plots or inferred)."""
   keys = sweep.swept_keys
-  spec = dict(sweep.plots)
+  # keys a variant of the sweep does not vary are dropped (then inferred as below)
+  spec = {k: v for k, v in sweep.plots.items() if k != 'panels' and v in keys}
+  spec['panels'] = [k for k in sweep.plots.get('panels', []) if k in keys]
   numeric = [k for k in keys if all(isinstance(r.overrides.get(k), (int, float))
                                     and not isinstance(r.overrides.get(k), bool)
                                     for r in sweep.runs if k in r.overrides)]
   spec.setdefault('color', keys[0] if keys else None)
   rest = [k for k in keys if k != spec['color']]
   spec.setdefault('x', next((k for k in numeric if k != spec['color']), None))
-  spec.setdefault('style', next((k for k in rest if k != spec['x']), None))
-  spec.setdefault('panels', [])
+  spec.setdefault('style', next((k for k in rest if k != spec['x'] and k not in spec['panels']),
+                                None))
   return spec
 
 
