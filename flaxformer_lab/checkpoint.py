@@ -16,7 +16,7 @@ Use in the train loop (every process runs the same calls; saves and restores are
   ckpt.save(final_step, state, data_iter.get_state)             # no-op if already saved
   ckpt.close()                                                   # waits for async saves
 
-Layout: `<dir>/<step>/{state,data,config}` (orbax). `state` is the unboxed train state (every leaf a
+Layout: `<dir>/<step>/{state,data,config,meta}` (orbax). `state` is the unboxed train state (every leaf a
 jax.Array), `data` holds every process's data-iterator state, `config` the resolved config as JSON
 (it records e.g. `model.scan_layers`; a restore whose tree does not match names the leaves and the
 config fields that differ).
@@ -127,7 +127,7 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of `<workdir>/checkpoints`, saved every `every` steps."""
 
   def __init__(self, workdir: str, *, every: int, keep: int = 3, async_save: bool = True,
-               config: Any = None):
+               config: Any = None, meta: Any = None):
     """Opens (creates) `<workdir>/checkpoints`.
 
     Args:
@@ -136,9 +136,12 @@ class Checkpointer:
       keep: number of most recent checkpoints kept.
       async_save: write in a background thread (`wait_until_finished`/`close` wait for it).
       config: the resolved config (ConfigDict or dict), stored as JSON with every checkpoint.
+      meta: a JSON dict stored with every checkpoint (e.g. the frozen teacher's source and
+        fingerprint); read back with `stored_meta`.
     """
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self._config = _config_json(config)
+    self._meta = dict(meta or {})
     self._every = int(every)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(int(keep)),
@@ -151,14 +154,15 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler(),
-                       'config': ocp.JsonCheckpointHandler()})
+                       'config': ocp.JsonCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
     self._last_saved = None
 
   @classmethod
-  def from_config(cls, workdir: str, config: Any) -> 'Checkpointer':
+  def from_config(cls, workdir: str, config: Any, meta: Any = None) -> 'Checkpointer':
     """Uses config.checkpoint_every, keep_checkpoints, async_checkpoints; stores `config`."""
     return cls(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints,
-               async_save=config.async_checkpoints, config=config)
+               async_save=config.async_checkpoints, config=config, meta=meta)
 
   # --- saving --------------------------------------------------------------------------------
 
@@ -186,7 +190,8 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({'num_processes': len(per_process), 'per_process': per_process}),
-        config=ocp.args.JsonSave(self._config))
+        config=ocp.args.JsonSave(self._config),
+        meta=ocp.args.JsonSave(self._meta))
     saved = self._manager.save(step, args=args, force=True)
     if saved:
       self._last_saved = step
@@ -233,6 +238,17 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._corrupt(step, e) from e
     return out['config']
+
+  def stored_meta(self, step: int) -> Any:
+    """The meta JSON saved with `step`, or None for a checkpoint written without one."""
+    self.wait_until_finished()
+    if not os.path.isdir(os.path.join(self.step_dir(step), 'meta')):
+      return None
+    try:
+      out = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, e) from e
+    return out['meta']
 
   def _corrupt(self, step: int, err: Exception) -> CheckpointError:
     others = [s for s in self.all_steps() if s != int(step)]

@@ -8,7 +8,8 @@ writes `<workdir>/config.json` (the family preset's training config with the mod
 checkpoint's config.json) and an orbax checkpoint of a fresh train state at step 0 around the
 checkpoint's params (`<workdir>/checkpoints/0`, the layout flaxformer_lab.train restores), plus the
 checkpoint's tokenizer in `<workdir>/hf_tokenizer` when it has one. Evaluate, decode
-(train.load_params(workdir)) or keep training in that workdir; or start another run from it with
+(rundir.RunDir(workdir).restore_params()) or keep training in that workdir; or start another run
+from it with
 `--config.init_from=<workdir>`. Fine-tuning straight from the Hugging Face directory needs no
 conversion: `--config.init_from=hf:<dir>`.
 """
@@ -24,6 +25,7 @@ from absl import logging
 import jax
 
 from flaxformer_lab import checkpoint as ckpt_lib
+from flaxformer_lab import rundir
 from flaxformer_lab.interop import hf_tokenizer
 from flaxformer_lab.interop import huggingface
 from flaxformer_lab.models.config import ConfigError
@@ -58,7 +60,7 @@ def convert(hf_dir: str, workdir: str, *, architecture: Optional[str] = None,
                                                      architecture=architecture)
   params = train.merge_params(jax.device_get(state['params']), loaded, allowed_missing=fresh)
   state = train._replace_params(state, params, setup)  # pylint: disable=protected-access
-  train.save_config(config, workdir)
+  rundir.RunDir(workdir).save_config(config)
   ckpt = ckpt_lib.Checkpointer(workdir, every=0, async_save=False, config=config)
   try:
     ckpt.save(0, state)

@@ -12,7 +12,6 @@ params. `--prompt` / `--source` may be repeated: the texts are decoded together 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -51,38 +50,13 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
-def _restore_params(workdir: str, step: int | None):
-  """A checkpoint's params restored from its own metadata (no target tree needed)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from flaxformer_lab import checkpoint  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint.Checkpointer(workdir, every=0, async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint under {ckpt.directory}')
-    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt.step_dir(step), 'state'))
-  finally:
-    ckpt.close()
-  return state['params']
-
-
 def load_run(workdir: str, step: int | None = None):
-  """(config, params, tokenizer) of a run directory."""
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from flaxformer_lab import train  # pylint: disable=g-import-not-at-top
-  from flaxformer_lab.data import tokenizers  # pylint: disable=g-import-not-at-top
-  if hasattr(train, 'load_config'):
-    config = train.load_config(workdir)
-  else:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  if hasattr(train, 'load_params'):
-    params = train.load_params(workdir, step)
-  else:
-    params = _restore_params(workdir, step)
-  return config, params, tokenizer
+  """(config, params, tokenizer) of a run directory (rundir.py: no optimizer or mesh is built)."""
+  from flaxformer_lab import rundir  # pylint: disable=g-import-not-at-top
+  run = rundir.RunDir(workdir)
+  config = run.load_config()
+  tokenizer = run.load_tokenizer()
+  return config, run.restore_params(step), tokenizer
 
 
 def run_bleu(config, params, tokenizer) -> None:
@@ -114,10 +88,11 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter off; --verbosity=0 restores it
   from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab import rundir  # pylint: disable=g-import-not-at-top
   try:
     config, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)
-  except (FileNotFoundError, ValueError) as e:
-    fail(str(e))
+  except (FileNotFoundError, ValueError, rundir.RunDirError) as e:
+    fail(str(e).splitlines()[0])
   family = config.model.family
   if family not in ('decoder', 'encoder_decoder'):
     fail(f'model.family={family!r} does not generate text')

@@ -1,16 +1,16 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-config -> data pipeline -> task (batch -> loss) -> model -> optimizer -> checkpoint / metrics.
-The loop knows nothing of a family's internals: the task maps batches to model inputs and scores
-the outputs; the model config says everything else.
+config -> data pipeline -> objective (batch -> loss) -> model -> optimizer -> checkpoint / metrics.
+The loop knows nothing of a family's or an objective's internals: the objective (`config.task`,
+flaxformer_lab/tasks) builds the loss from the named models and any frozen parameters it declares,
+the evaluations come from `config.evals` (evals.py), and the run directory is read and written by
+rundir.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -25,15 +25,15 @@ import numpy as np
 import optax
 
 from flaxformer_lab import checkpoint as ckpt_lib
+from flaxformer_lab import evals as evals_lib
 from flaxformer_lab import metrics as metrics_lib
 from flaxformer_lab import optim as optim_lib
+from flaxformer_lab import rundir
 from flaxformer_lab import sharding as shard_lib
 from flaxformer_lab.models.config import ConfigError, ModelConfig
 from flaxformer_lab.models.transformer import build_model, dummy_inputs
-from flaxformer_lab.tasks import get_task
-
-TOKENIZER_DIR = 'tokenizer'
-CONFIG_FILE = 'config.json'
+from flaxformer_lab.tasks import get_objective
+from flaxformer_lab.tasks.base import Objective
 
 
 def _say(text: str) -> None:
@@ -47,25 +47,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --- validation ------------------------------------------------------------------------------------
-TASK_FAMILIES = {'lm': ('decoder',), 'seq2seq': ('encoder_decoder',),
-                 'classification': ('encoder', 'decoder'), 'mlm': ('encoder',)}
-TASK_HEADS = {'lm': ('lm',), 'seq2seq': ('seq2seq_lm',), 'classification': ('classification',),
-              'mlm': ('mlm', 'mlm_nsp')}
-
-
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: Optional[int] = None) -> ModelConfig:
-  """Rejects impossible configs before anything compiles; each error says what to change."""
+  """Rejects impossible configs before anything compiles; each error says what to change.
+
+  The objective validates its own rules (families, heads, its settings), each evaluation of
+  config.evals its own; the rest (lengths, mesh, batch) is checked here.
+  """
   model_cfg = ModelConfig.from_dict(config.model)
-  task = config.task
-  if task not in TASK_FAMILIES:
-    raise ConfigError(f'config.task={task!r} is not one of {", ".join(TASK_FAMILIES)}')
-  if model_cfg.family not in TASK_FAMILIES[task]:
-    raise ConfigError(f'config.task={task!r} needs model.family in {TASK_FAMILIES[task]}, got '
-                      f'{model_cfg.family!r}')
-  if model_cfg.head not in TASK_HEADS[task]:
-    raise ConfigError(f'config.task={task!r} needs model.head in {TASK_HEADS[task]}, got '
-                      f'{model_cfg.head!r}')
+  objective = get_objective(config)
+  objective.validate(config, model_cfg)
+  evals_lib.build_evaluators(config, objective, model_cfg)
   seq_len = config.data.seq_len
   lengths = [seq_len]
   if model_cfg.family == 'encoder_decoder':
@@ -98,6 +90,10 @@ class Setup:
   model_cfg: ModelConfig
   model: nn.Module  # training (dropout on)
   eval_model: nn.Module
+  objective: Objective
+  models: dict[str, nn.Module]  # 'model', 'eval_model' and the frozen models, by name
+  frozen_models: dict[str, Any]  # name -> tasks.FrozenModel (host parameters, source)
+  frozen_shardings: dict[str, Any]  # name -> parameter shardings on the mesh
   tx: Any
   lr_fn: Callable[[Any], Any]
   mesh: jax.sharding.Mesh
@@ -128,8 +124,11 @@ def _drop_mismatched_box(x):
   return x
 
 
-def build_setup(config) -> Setup:
+def build_setup(config, *, load_frozen: bool = True) -> Setup:
+  """Validates `config` and builds models, optimizer, mesh and shardings (no arrays allocated
+  except the frozen models' host parameters, loaded when `load_frozen`)."""
   model_cfg = validate_config(config)
+  objective = get_objective(config)
   tx, lr_fn = optim_lib.make_optimizer(config.optim, config.num_steps)
   mesh = shard_lib.make_mesh(config.mesh)
   rules = shard_lib.axis_rules(config)
@@ -138,9 +137,46 @@ def build_setup(config) -> Setup:
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = shard_lib.state_shardings(boxed, mesh, rules)
   abstract = shard_lib.abstract_with_shardings(shard_lib.unbox_abstract(boxed), shardings)
-  return Setup(model_cfg, build_model(model_cfg, deterministic=False),
-               build_model(model_cfg, deterministic=True), tx, lr_fn, mesh, rules, shardings,
-               abstract)
+  model = build_model(model_cfg, deterministic=False)
+  eval_model = build_model(model_cfg, deterministic=True)
+  models = {'model': model, 'eval_model': eval_model}
+  frozen_models = objective.frozen_models(config) if load_frozen else {}
+  frozen_shardings = {}
+  for name, frozen in frozen_models.items():
+    models[name] = build_model(frozen.model_config, deterministic=True)
+    frozen_shardings[name] = _param_shardings(frozen.model_config, mesh, rules)
+  return Setup(model_cfg, model, eval_model, objective, models, frozen_models, frozen_shardings,
+               tx, lr_fn, mesh, rules, shardings, abstract)
+
+
+def _param_shardings(model_cfg: ModelConfig, mesh, rules):
+  """Shardings of a model's parameters by the logical axis rules (as the student's are)."""
+  module = build_model(model_cfg)
+  with shard_lib.use_mesh(mesh, rules):
+    boxed = jax.eval_shape(lambda r: module.init(r, **dummy_inputs(model_cfg, 1, 8))['params'],
+                           jax.random.PRNGKey(0))
+    return shard_lib.state_shardings(boxed, mesh, rules)
+
+
+def place_frozen(setup: Setup) -> dict[str, Any]:
+  """The frozen models' host parameters as global arrays on the mesh (every process holds the
+  full host copy and places the shards its devices own)."""
+  out = {}
+  for name, frozen in setup.frozen_models.items():
+    shardings = setup.frozen_shardings[name]
+    flat_p = traverse_util.flatten_dict(frozen.params, sep='/')
+    flat_s = traverse_util.flatten_dict(shardings, sep='/')
+    if set(flat_p) != set(flat_s):
+      missing, extra = sorted(set(flat_s) - set(flat_p)), sorted(set(flat_p) - set(flat_s))
+      raise ConfigError(f'frozen model {name!r} from {frozen.source} does not match its config: '
+                        f'missing {missing[:4]}, unexpected {extra[:4]}')
+    placed = {}
+    for key, value in flat_p.items():
+      value = np.asarray(value)
+      placed[key] = jax.make_array_from_callback(value.shape, flat_s[key],
+                                                 lambda idx, v=value: v[idx])
+    out[name] = traverse_util.unflatten_dict(placed, sep='/')
+  return out
 
 
 def create_state(config, setup: Setup):
@@ -158,20 +194,31 @@ def _replace_params(state, params, setup: Setup):
   return {'step': state['step'], 'params': params, 'opt_state': opt_state}
 
 
+# Top-level modules that are heads: a source's head the target lacks is dropped (pre-training head
+# -> fine-tuning), and a target head the source lacks starts fresh; the body must match exactly.
+HEAD_MODULES = ('mlm_head', 'lm_head', 'classifier', 'token_classifier', 'pair_head', 'pooler')
+
+
 def init_from(config, setup: Setup, state):
   """Starts from another run's params (`<workdir>`) or a Hugging Face checkpoint (`hf:<dir>`).
 
   The body must be complete; head parameters absent from the source (e.g. a new classifier)
-  keep their fresh initialization, and the log names them.
+  keep their fresh initialization, the source's heads the model does not have are dropped, and
+  the log names both.
   """
   source = config.init_from
+  target = jax.device_get(state['params'])
   if source.startswith('hf:'):
     from flaxformer_lab.interop import huggingface  # pylint: disable=g-import-not-at-top
     loaded, fresh = huggingface.load_params_for_config(source[3:], setup.model_cfg)
   else:
-    loaded, fresh = load_params(source), ()
-  params = merge_params(jax.device_get(state['params']), loaded, allowed_missing=fresh)
-  _say(f'initialized from {source}; freshly initialized: {", ".join(fresh) or "nothing"}')
+    loaded = rundir.RunDir(source).restore_params()
+    fresh = tuple(m for m in HEAD_MODULES if m in target and m not in loaded)
+  dropped = tuple(m for m in HEAD_MODULES if m in loaded and m not in target)
+  loaded = {k: v for k, v in loaded.items() if k not in dropped}
+  params = merge_params(target, loaded, allowed_missing=fresh)
+  _say(f'initialized from {source}; freshly initialized: {", ".join(fresh) or "nothing"}; '
+       f'dropped from the source: {", ".join(dropped) or "nothing"}')
   return _replace_params(state, params, setup)
 
 
@@ -182,34 +229,34 @@ def merge_params(target, source, allowed_missing=()):
   flat_s = traverse_util.flatten_dict(source, sep='/')
   unexpected = sorted(set(flat_s) - set(flat_t))
   if unexpected:
-    raise ValueError(f'unexpected weight(s) in the source checkpoint: {", ".join(unexpected[:5])}')
+    raise ConfigError(f'unexpected weight(s) in the source checkpoint: {", ".join(unexpected[:5])}'
+                      " (the model config differs from the source's)")
   out = {}
   for key, value in flat_t.items():
     if key in flat_s:
       if tuple(np.shape(flat_s[key])) != tuple(np.shape(value)):
-        raise ValueError(f'weight {key} has shape {np.shape(flat_s[key])} in the source, '
-                         f'{np.shape(value)} in the model')
+        raise ConfigError(f'weight {key} has shape {np.shape(flat_s[key])} in the source, '
+                        f'{np.shape(value)} in the model')
       out[key] = np.asarray(flat_s[key], dtype=np.asarray(value).dtype)
     elif any(key == m or key.startswith(m + '/') for m in allowed_missing):
       out[key] = value
     else:
-      raise ValueError(f'weight {key} is missing from the source checkpoint')
+      raise ConfigError(f'weight {key} is missing from the source checkpoint')
   return traverse_util.unflatten_dict(out, sep='/')
 
 
 # --- steps -----------------------------------------------------------------------------------------
-def make_train_step(config, setup: Setup, task):
-  model, lr_fn = setup.model, setup.lr_fn
-  smoothing = float(config.label_smoothing)
-  base_rng = jax.random.PRNGKey(config.seed + 1)
+def make_train_step(config, setup: Setup, objective: Optional[Objective] = None):
+  """The compiled update: `step(state, batch)`, or `step(state, batch, frozen)` when the objective
+  has frozen models (their parameters are a separate, non-donated argument, never
+  differentiated and never part of the state)."""
+  objective = objective or setup.objective
+  lr_fn = setup.lr_fn
+  base_rng = jax.random.key(config.seed + 1, impl=config.get('rng_impl') or None)
   micro = int(config.optim.grad_accum_steps)
 
-  def loss_fn(params, batch, rng):
-    outputs = model.apply({'params': params}, **task.model_inputs(batch), rngs={'dropout': rng})
-    loss, sums = task.loss(outputs, batch, smoothing)
-    return loss, sums
-
-  def step_fn(state, batch):
+  def step_fn(state, batch, frozen):
+    loss_fn = objective.make_loss(setup.models, frozen, config)
     rng = jax.random.fold_in(base_rng, state['step'])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro > 1:
@@ -224,102 +271,26 @@ def make_train_step(config, setup: Setup, task):
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = lr_fn(state['step'])
     metrics['loss'] = loss
-    metrics['tokens'] = jnp.sum(batch[task.tokens_key] != 0).astype(jnp.float32)
+    metrics['tokens'] = jnp.sum(batch[objective.tokens_key] != 0).astype(jnp.float32)
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, metrics
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
-  return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
-                 out_shardings=(setup.state_shardings, shard_lib.replicated(setup.mesh)),
+  out_sh = (setup.state_shardings, shard_lib.replicated(setup.mesh))
+  if setup.frozen_models:
+    return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh,
+                                          dict(setup.frozen_shardings)),
+                   out_shardings=out_sh, donate_argnums=0)
+  return jax.jit(lambda state, batch: step_fn(state, batch, {}),
+                 in_shardings=(setup.state_shardings, batch_sh), out_shardings=out_sh,
                  donate_argnums=0)
 
 
-def make_eval_step(config, setup: Setup, task):
-  model = setup.eval_model
-
-  def step_fn(params, batch):
-    outputs = model.apply({'params': params}, **task.model_inputs(batch))
-    _, sums = task.loss(outputs, batch, 0.0)
-    return sums
-
-  return jax.jit(step_fn, in_shardings=(setup.state_shardings['params'],
-                                        shard_lib.batch_sharding(setup.mesh)),
-                 out_shardings=shard_lib.replicated(setup.mesh))
-
-
-def evaluate(eval_step, params, data, setup, task, split=None) -> dict[str, float]:
-  totals: dict[str, float] = {}
-  sh = shard_lib.batch_sharding(setup.mesh)
-  with shard_lib.use_mesh(setup.mesh, setup.rules):
-    for batch in data.eval_batches(split):
-      sums = eval_step(params, shard_lib.make_global_batch(batch, sh))
-      for k, v in jax.device_get(sums).items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-  return task.summarize(totals, 'eval')
-
-
-def _host_params(params):
-  """Parameters as host arrays on every process (gathered across processes when sharded)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(params, tiled=True)
-  return jax.device_get(params)
-
-
-def generation_evals(config, step: int, params, data, writer, final: dict) -> None:
-  """Periodic BLEU (encoder_decoder, `bleu_every`) and samples (decoder, `sample_every`).
-
-  BLEU is computed on this process's share of the evaluation split (all of it in one process).
-  """
-  from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
-  family = config.model.family
-  at = lambda every: every and (step % every == 0 or step == config.num_steps)
-  if family == 'encoder_decoder' and at(config.bleu_every):
-    score = decoding.bleu_score(config, _host_params(params), data.tokenizer, data.eval_batches())
-    writer.write_scalars(step, {'eval/bleu': score})
-    final['eval/bleu'] = score
-  if family == 'decoder' and at(config.sample_every):
-    text = decoding.sample_text(config, _host_params(params), data.tokenizer, '', seed=step)
-    writer.write_text(f'sample at step {step}: {text!r}')
-
-
-# --- helpers for other entry points ----------------------------------------------------------------
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no {CONFIG_FILE} in {workdir}: is it a flaxformer_lab run directory?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_params(workdir: str, step: Optional[int] = None):
-  """The params of a run's latest (or given) checkpoint, as host numpy arrays, for inference."""
-  config = load_config(workdir)
-  config.mesh.shape = (-1, 1, 1)
-  setup = build_setup(config)
-  ckpt = ckpt_lib.Checkpointer(workdir, every=0, async_save=False)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint under {ckpt.directory}')
-    state, _ = ckpt.restore(step, setup.abstract_state, with_data=False)
-  finally:
-    ckpt.close()
-  return jax.device_get(state['params'])
-
-
-def save_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
-def _make_data(config, workdir):
+def _make_data(config, run: rundir.RunDir, objective: Objective):
+  """The data pipeline; the tokenizer is the run's own when it has one (resume), else the
+  objective's (a teacher's), else trained/loaded from the data cache."""
   from flaxformer_lab import data as data_lib  # pylint: disable=g-import-not-at-top
-  tok_dir = os.path.join(workdir, TOKENIZER_DIR)
-  tokenizer = None
-  if os.path.exists(os.path.join(tok_dir)) and os.listdir(tok_dir):
-    tokenizer = data_lib.load_tokenizer(tok_dir)
+  tokenizer = run.load_tokenizer() if run.has_tokenizer() else objective.tokenizer(config)
   if tokenizer is None and jax.process_count() > 1:
     if jax.process_index() == 0:
       data_lib.prepare(config)
@@ -328,26 +299,43 @@ def _make_data(config, workdir):
   bundle = data_lib.make_datasets(config, process_index=jax.process_index(),
                                   process_count=jax.process_count(), tokenizer=tokenizer)
   bundle.check_vocab_size(config.model.vocab_size)
-  if config.task == 'classification' and bundle.num_classes != config.model.num_labels:
-    raise ConfigError(f'{config.data.name} has {bundle.num_classes} classes but '
-                      f'model.num_labels={config.model.num_labels}: set '
-                      f'--config.model.num_labels={bundle.num_classes}')
-  if tokenizer is None and jax.process_index() == 0:
-    bundle.tokenizer.save(tok_dir)
+  objective.check_bundle(config, bundle)
   return bundle
+
+
+def _frozen_meta(setup: Setup) -> dict[str, Any]:
+  """What the checkpoints record of the frozen models: source and parameter fingerprint."""
+  return {'frozen': {name: {'source': f.source, 'fingerprint': f.fingerprint}
+                     for name, f in setup.frozen_models.items()}}
+
+
+def _check_frozen_meta(ckpt, step: int, setup: Setup) -> None:
+  stored = (ckpt.stored_meta(step) or {}).get('frozen', {})
+  current = _frozen_meta(setup)['frozen']
+  for name in sorted(set(stored) | set(current)):
+    old, new = stored.get(name), current.get(name)
+    if old != new:
+      raise ConfigError(
+          f'checkpoint step {step} was trained with {name} '
+          f'{old["source"] + " (" + old["fingerprint"] + ")" if old else "absent"} but this run '
+          f'has {new["source"] + " (" + new["fingerprint"] + ")" if new else "none"}: resume with '
+          f'the same {name}, or start a new workdir')
 
 
 # --- the loop --------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   setup = build_setup(config)  # validates before anything is written or compiled
-  task = get_task(config.task)
-  data = _make_data(config, workdir)
-  save_config(config, workdir)
+  objective = setup.objective
+  run = rundir.RunDir(workdir)
+  data = _make_data(config, run, objective)
+  evaluators = evals_lib.build_evaluators(config, objective, setup.model_cfg)
+  frozen = place_frozen(setup)
 
-  ckpt = ckpt_lib.Checkpointer.from_config(workdir, config)
+  ckpt = ckpt_lib.Checkpointer.from_config(workdir, config, meta=_frozen_meta(setup))
   start = ckpt.latest_step()
   if start is not None:
+    _check_frozen_meta(ckpt, start, setup)
     state, data_state = ckpt.restore(start, setup.abstract_state)
     if data_state is not None:
       data.train_iter.set_state(data_state)
@@ -357,9 +345,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = create_state(config, setup)
     if config.init_from:
       state = init_from(config, setup, state)
+    params = objective.initialize(config, lambda: jax.device_get(state['params']),
+                                  setup.frozen_models)
+    if params is not None:
+      state = _replace_params(state, params, setup)
+  # Written once the state exists: a refused resume leaves the run directory as it was.
+  run.save_config(config)
+  if not run.has_tokenizer():
+    run.save_tokenizer(data.tokenizer)
 
-  train_step = make_train_step(config, setup, task)
-  eval_step = make_eval_step(config, setup, task)
+  train_step = make_train_step(config, setup, objective)
+  step_args = (frozen,) if setup.frozen_models else ()
+  eval_ctx = evals_lib.EvalContext(config, objective, setup, data, frozen, setup.frozen_shardings)
   writer = metrics_lib.MetricWriter(workdir, total_steps=config.num_steps,
                                     progress=config.progress, start_step=start or None)
   fetcher = metrics_lib.AsyncFetcher()
@@ -368,6 +365,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   totals: dict[str, float] = {}
   window_start, window_tokens, last_log = time.time(), 0.0, start
   final: dict[str, float] = {}
+
+  def run_evals(step: int, at_end: bool) -> None:
+    for ev in evaluators:
+      if ev.due(step, at_end):
+        scalars, texts = ev.run(eval_ctx, step, state['params'])
+        if scalars:
+          writer.write_scalars(step, scalars)
+          final.update(scalars)
+        for text in texts:
+          writer.write_text(text)
 
   def flush_metrics():
     """Fetches pushed steps' metrics; logs every `log_every`; stops on a non-finite loss."""
@@ -385,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step_i % config.log_every == 0 or step_i == config.num_steps:
         now = time.time()
         steps = max(step_i - last_log, 1)
-        scalars = task.summarize(totals, 'train')
+        scalars = objective.summarize(totals, 'train')
         scalars.update({'train/lr': m['lr'], 'train/grad_norm': m['grad_norm'],
                         'train/tokens_per_s': window_tokens / max(now - window_start, 1e-9),
                         'train/step_time_s': (now - window_start) / steps})
@@ -398,21 +405,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with shard_lib.use_mesh(setup.mesh, setup.rules):
       for step in range(start + 1, config.num_steps + 1):
         batch = shard_lib.make_global_batch(next(data.train_iter), batch_sh)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, *step_args)
         flush_metrics()  # step-1's metrics, fetched after this step was dispatched
         fetcher.push(step, metrics)
         writer.progress(step)
-        at_eval = config.eval_every and step % config.eval_every == 0
+        at_eval = any(ev.due(step, False) for ev in evaluators)
         at_ckpt = config.checkpoint_every and step % config.checkpoint_every == 0
         stop = guard.should_stop(step) or step == config.get('stop_at_step', 0)
         if at_ckpt or stop or at_eval:
           flush_metrics()  # waits for this step: its loss is checked before anything is saved
         if at_eval and step != config.num_steps:
-          scalars = evaluate(eval_step, state['params'], data, setup, task)
-          writer.write_scalars(step, scalars)
-          final.update(scalars)
-        if step != config.num_steps:
-          generation_evals(config, step, state['params'], data, writer, final)
+          run_evals(step, at_end=False)
         if at_ckpt or stop:
           ckpt.maybe_save(step, state, data.train_iter.get_state, force=stop)
         if stop:
@@ -421,10 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # End of training.
       step = config.num_steps
       flush_metrics()
-      scalars = evaluate(eval_step, state['params'], data, setup, task)
-      writer.write_scalars(step, scalars)
-      final.update(scalars)
-      generation_evals(config, step, state['params'], data, writer, final)
+      run_evals(step, at_end=True)
       ckpt.save(step, state, data.train_iter.get_state)
   finally:
     guard.uninstall()

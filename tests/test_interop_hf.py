@@ -364,12 +364,12 @@ def test_load_params_for_config_fills_the_body_and_names_fresh_head(bert_mlm_dir
 
 def test_convert_writes_a_run_directory_the_trainer_restores(bert_mlm_dir, tmp_path):
   from flaxformer_lab import convert  # pylint: disable=g-import-not-at-top
-  from flaxformer_lab import train  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab import rundir  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   config, fresh = convert.convert(bert_mlm_dir, workdir)
   assert fresh == () and config.task == 'mlm'
-  assert train.load_config(workdir).model.to_dict() == config.model.to_dict()
-  params = train.load_params(workdir)
+  assert rundir.RunDir(workdir).load_config().model.to_dict() == config.model.to_dict()
+  params = rundir.RunDir(workdir).restore_params()
   assert _leaves_equal(params, jax.device_get(hf.load(bert_mlm_dir).params))
 
 

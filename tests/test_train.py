@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from flaxformer_lab import metrics as metrics_lib
+from flaxformer_lab import rundir
 from flaxformer_lab import train
 from multiprocess_util import REPO_ROOT, base_env, launch_processes
 
+from flaxformer_lab.presets import common
 from flaxformer_lab.presets import gpt2
 
 # A tiny decoder run: no dropout so every layout computes the same function.
@@ -122,7 +124,7 @@ def test_resume_after_stop_is_exact(tmp_path, tfds_dir):
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   for step in a:
     assert a[step] == b[step], (step, a[step], b[step])  # exact on CPU: same data order too
-  pa, pb = train.load_params(str(full)), train.load_params(str(split))
+  pa, pb = rundir.RunDir(str(full)).restore_params(), rundir.RunDir(str(split)).restore_params()
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
@@ -164,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir
   assert 'non-finite loss' in bad.stderr
   steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
   assert steps[-1] == 2
-  params = train.load_params(str(workdir))
+  params = rundir.RunDir(str(workdir)).restore_params()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -206,7 +208,8 @@ def test_each_objective_learns(tmp_path, tfds_dir, config_arg, overrides, eval_m
   if c.data.seq_len > 64:
     c.data.seq_len = 64
   if c.model.family == 'encoder_decoder':
-    c.bleu_every = steps  # the periodic BLEU evaluation runs inside the loop
+    with c.unlocked():  # the BLEU evaluation runs inside the loop, at the end
+      c.evals.bleu = common.bleu_eval(c, every=steps)
   for k, v in overrides.items():
     section, key = k.split('.')
     c[section][key] = v
@@ -241,7 +244,7 @@ def test_sst2_fine_tuning_from_a_converted_hf_bert(tmp_path, tfds_dir):
   final = metrics_lib.read_metrics(str(tmp_path / 'run'))
   assert any('eval/accuracy' in rec for rec in final)
   # the body really came from the checkpoint
-  params = train.load_params(str(tmp_path / 'run'))
+  params = rundir.RunDir(str(tmp_path / 'run')).restore_params()
   hf_word = transformers.BertModel.from_pretrained(tmp_path / 'hf').embeddings.word_embeddings
   start = np.asarray(hf_word.weight.detach().numpy())
   # two independent N(0, 0.02) tables differ by ~0.023 on average; six small steps move far less

@@ -1,27 +1,19 @@
 """Grain input pipelines: a config in, a `DataBundle` (tokenizer, train iterator, eval batches) out.
 
-Batches are dicts of numpy arrays (int32; `weights` float32), B = per-process batch:
-
-  lm              inputs, targets, segment_ids, positions [B,L]; weights [B,L]
-  seq2seq         encoder_inputs, encoder_segment_ids, encoder_positions [B,Ls];
-                  decoder_inputs, decoder_targets, decoder_segment_ids, decoder_positions,
-                  weights [B,Lt]
-  classification  inputs, segment_ids, positions, token_type_ids [B,L]; label [B];
-                  weights [B] (1 real row, 0 padding row of a final eval batch)
-  mlm             inputs, targets, weights, segment_ids, positions, token_type_ids [B,L];
-                  with config.data.mlm_pairs also pair_label [B] and pair_weights [B]
+Batches are dicts of numpy arrays (int32; `weights` float32), B = per-process batch, with the keys
+the objective's `finalize` gives (each objective's module docstring in flaxformer_lab/tasks lists
+them). The pipeline asks the objective (`config.task`) everything that depends on it: the kinds of
+data set it reads, how an example becomes features, the random transform applied every time an
+example is read (masking), whether rows pack, the padded lengths and pad values, and the batch keys.
 
 segment_ids: 0 = padding, k = k-th example packed into the row; positions restart at 0 in each
-segment. lm targets are inputs shifted left by one within each segment; a stream data set
-(tiny_shakespeare, synthetic_lm) is cut into windows instead (one segment per row, no packing).
-Packing (config.data.pack) applies to lm documents, seq2seq pairs (segment k of the encoder row
-pairs with segment k of the decoder row) and single-segment mlm; never to classification or
-mlm pairs. Evaluation never packs: one example per row, so every process gets the same number
-of eval batches and no example is dropped or counted twice.
+segment. A stream data set may be cut into fixed windows instead (the objective's `windows`; one
+segment per row, no packing). Evaluation never packs: one example per row, so every process gets
+the same number of eval batches and no example is dropped or counted twice.
 
 Train order: every process builds the same global batches and keeps its rows; shuffled with
-config.data.shuffle_seed (reshuffled every epoch), tokenized, and (mlm) masked anew every time an
-example is read. The train iterator is grain's `DatasetIterator`: `get_state()` is a small
+config.data.shuffle_seed (reshuffled every epoch), tokenized, and randomly transformed (masked)
+anew every time an example is read. The train iterator is grain's `DatasetIterator`: `get_state()` is a small
 JSON-serializable dict and `set_state(state)` resumes with exactly the batches that would have
 come next.
 """
@@ -31,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 from absl import flags
 import grain
@@ -40,14 +32,9 @@ import numpy as np
 from flaxformer_lab.data import preprocess
 from flaxformer_lab.data import sources as sources_lib
 from flaxformer_lab.data import tokenizers as tok_lib
+from flaxformer_lab.tasks.base import DataContext
+from flaxformer_lab.tasks.base import get_objective
 
-TASKS = ('lm', 'seq2seq', 'classification', 'mlm')
-_KINDS_OF_TASK = {  # which kinds of data set each task can read
-    'lm': ('stream', 'text', 'parallel', 'labelled'),
-    'seq2seq': ('parallel',),
-    'classification': ('labelled',),
-    'mlm': ('stream', 'text', 'parallel', 'labelled'),
-}
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
 
 
@@ -110,13 +97,9 @@ def check_vocab_size(model_vocab_size: int, tokenizer: tok_lib.Tokenizer) -> Non
         f'{tokenizer.vocab_size}')
 
 
-def _check_config(config: Any, kind: str, process_count: int) -> None:
+def _check_config(config: Any, objective: Any, kind: str, process_count: int) -> None:
   d = config.data
-  if config.task not in TASKS:
-    raise ValueError(f'config.task={config.task!r}; the data pipeline knows {", ".join(TASKS)}')
-  if kind not in _KINDS_OF_TASK[config.task]:
-    raise ValueError(f'task {config.task!r} cannot read data set {d.name!r} (a {kind} data set); '
-                     f'it needs one of kind {", ".join(_KINDS_OF_TASK[config.task])}')
+  objective.check_data(d, kind)
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{process_count} processes')
@@ -124,99 +107,37 @@ def _check_config(config: Any, kind: str, process_count: int) -> None:
     raise ValueError('config.data.seq_len must be >= 4 and target_len 0 or >= 2')
   if not 0 <= d.shuffle_seed < 2**32:
     raise ValueError('config.data.shuffle_seed must be in [0, 2**32)')
-  if config.task == 'mlm' and d.mlm_pairs not in ('', 'nsp', 'sop'):
-    raise ValueError(f"config.data.mlm_pairs must be '', 'nsp' or 'sop', got {d.mlm_pairs!r}")
 
 
 class _Pipeline:
-  """The per-task element functions and the grain graphs built from them."""
+  """The grain graphs of one run, built from the objective's element functions."""
 
-  def __init__(self, config: Any, source: sources_lib.Source, tokenizer: tok_lib.Tokenizer,
-               process_index: int, process_count: int):
+  def __init__(self, config: Any, objective: Any, source: sources_lib.Source,
+               tokenizer: tok_lib.Tokenizer, process_index: int, process_count: int):
     self.cfg = config.data
-    self.task = config.task
+    self.objective = objective
     self.source = source
     self.spec = source.spec
     self.tokenizer = tokenizer
     self.process_index, self.process_count = process_index, process_count
     self.batch_size = config.batch_size // process_count
     self.seq_len = self.cfg.seq_len
-    self.target_len = (self.cfg.target_len or self.cfg.seq_len) if self.task == 'seq2seq' else (
-        self.seq_len)
-    self.lengths = preprocess.feature_lengths(self.task, self.seq_len, self.target_len)
-    self.pairs = self.task == 'mlm' and bool(self.cfg.mlm_pairs)
-    self.windows = self.task == 'lm' and self.spec.kind == 'stream'
-    self.pad_values = preprocess.pad_values(self.task, tokenizer)  # lm windows: inputs, targets
-
-  # --- element functions --------------------------------------------------------------------------
+    self.target_len = objective.target_len(self.cfg)
+    self.ctx = DataContext(tokenizer=tokenizer, spec=self.spec, seq_len=self.seq_len,
+                           target_len=self.target_len, data_config=self.cfg)
+    self.lengths = objective.feature_lengths(self.seq_len, self.target_len)
+    self.windows = objective.windows(self.spec)
+    self.pad_values = objective.pad_values(tokenizer)  # windows: inputs, targets
 
   def stream_tokens(self, split: str) -> np.ndarray:
     """The token stream of a stream split: its texts encoded and concatenated."""
     ids = [i for ex in self.source.split(split) for i in self.tokenizer.encode(ex['text'])]
     return np.asarray(ids, np.int32)
 
-  def documents(self, split: str) -> Sequence[dict]:
-    """Examples to tokenize: a stream's paragraphs for mlm, else the split itself."""
-    examples = self.source.split(split)
-    if self.spec.kind == 'stream':
-      paragraphs = [p for ex in examples for p in ex['text'].split('\n\n') if p.strip()]
-      return [{'text': p} for p in paragraphs]
-    return examples
-
   def tokenize(self, index: int, example: dict) -> Any:
-    """One example -> a feature dict (seq2seq, classification) or a list of them (lm, mlm)."""
-    encode, text = self.tokenizer.encode, example[self.spec.text_field]
-    if self.task == 'lm':
-      return preprocess.lm_document(encode(text), self.seq_len, self.tokenizer)
-    if self.task == 'seq2seq':
-      return preprocess.seq2seq_example(encode(example[self.spec.source_field]), encode(text),
-                                        self.seq_len, self.target_len, self.tokenizer)
-    if self.task == 'classification':
-      return preprocess.classification_example(encode(text), example[self.spec.label_field],
-                                               self.seq_len, self.tokenizer)
-    budget = self.seq_len - (3 if self.pairs else 2)
-    chunks = preprocess.mlm_chunks(self.sentence_ids(example), budget, index)
-    return [c for c in chunks if len(c['tokens']) >= 2] if self.pairs else chunks
-
-  def sentence_ids(self, example: dict) -> list[list[int]]:
-    """The tokenized sentences of an mlm document."""
-    sentences = preprocess.split_sentences(example[self.spec.text_field])
-    return [ids for ids in map(self.tokenizer.encode, sentences) if ids]
-
-  def mlm_example(self, chunk: dict, rng: np.random.Generator,
-                  docs: Sequence[list[list[int]]]) -> dict[str, np.ndarray]:
-    """A chunk -> a masked mlm example (with a sentence pair when mlm_pairs is on)."""
-    if self.pairs:
-      example = preprocess.mlm_pair(chunk, rng, self.cfg.mlm_pairs,
-                                    functools.partial(self._random_segment, docs=docs),
-                                    self.tokenizer)
-    else:
-      example = preprocess.mlm_single(chunk, self.tokenizer)
-    masked = preprocess.mask_tokens(example['inputs'], rng,
-                                    probability=self.cfg.mlm_probability, tok=self.tokenizer)
-    return {**example, **masked}
-
-  def _random_segment(self, rng: np.random.Generator, max_len: int, doc: int,
-                      docs: Sequence[list[list[int]]]) -> np.ndarray:
-    """Up to max_len tokens of consecutive sentences of a random document other than `doc`."""
-    for _ in range(10):
-      j = int(rng.integers(len(docs) - 1)) if len(docs) > 1 else 0
-      j += int(len(docs) > 1 and j >= doc)
-      sentences = docs[j]
-      if sentences:
-        start = int(rng.integers(len(sentences)))
-        tokens = [t for s in sentences[start:] for t in s][:max_len]
-        return np.asarray(tokens, np.int32)
-    return preprocess.random_ordinary_ids(rng, max_len, self.tokenizer)
+    return self.objective.tokenize(self.ctx, index, example)
 
   # --- train --------------------------------------------------------------------------------------
-
-  def _shard(self, ds: grain.MapDataset, what: str) -> grain.MapDataset:
-    ds = ds[self.process_index::self.process_count]
-    if not len(ds):
-      raise ValueError(f'{self.source.name}: process {self.process_index} of '
-                       f'{self.process_count} got no training {what}')
-    return ds
 
   def train_dataset(self) -> grain.IterDataset:
     """The infinite, shuffled, batched training IterDataset of this process.
@@ -236,15 +157,15 @@ class _Pipeline:
       ds = ds.to_iter_dataset(_READ_OPTIONS).batch(self.global_batch_size, drop_remainder=True)
       return self._with_workers(ds.map(self._process_rows))
 
-    docs = grain.MapDataset.source(self.documents('train'))
+    docs = grain.MapDataset.source(self.objective.documents(self.source, 'train'))
     tokenized = docs.map_with_index(self.tokenize)
     ds = tokenized.shuffle(seed).repeat().to_iter_dataset(_READ_OPTIONS)
-    if self.task in ('lm', 'mlm'):
+    if self.objective.fans_out:
       ds = grain.experimental.FlatMapIterDataset(ds, _Identity())
-    if self.task == 'mlm':
-      sentence_docs = docs.map(self.sentence_ids)
-      ds = ds.random_map(functools.partial(self.mlm_example, docs=sentence_docs), seed=seed)
-    if self.cfg.pack and self.task in ('lm', 'seq2seq', 'mlm') and not self.pairs:
+    transform = self.objective.random_transform(self.ctx, docs)
+    if transform is not None:
+      ds = ds.random_map(transform, seed=seed)
+    if self.objective.packable(self.cfg):
       ds = grain.experimental.FirstFitPackIterDataset(
           ds, length_struct=dict(self.lengths), num_packing_bins=self.global_batch_size, seed=seed,
           shuffle_bins=True, padding_struct=dict(self.pad_values))
@@ -252,7 +173,7 @@ class _Pipeline:
       ds = ds.map(functools.partial(preprocess.pad_single, lengths=self.lengths,
                                     values=self.pad_values))
     ds = ds.batch(self.global_batch_size, drop_remainder=True)
-    ds = ds.map(functools.partial(preprocess.finalize, self.task, pairs=self.pairs))
+    ds = ds.map(self.objective.finalize)
     return self._with_workers(ds.map(self._process_rows))
 
   @property
@@ -284,16 +205,15 @@ class _Pipeline:
         count += 1
         yield preprocess.lm_window(stream, i, self.seq_len, self.tokenizer.pad_id)
       return
-    docs = self.documents(split)
-    sentence_docs = _LazyMap(docs, self.sentence_ids) if self.pairs else None
+    docs = self.objective.documents(self.source, split)
+    transform = self.objective.random_transform(self.ctx, docs)
     for index, example in enumerate(docs):
       features = self.tokenize(index, example)
       for j, element in enumerate(features if isinstance(features, list) else [features]):
         if limit and count >= limit:
           return
-        if self.task == 'mlm':
-          rng = np.random.default_rng([self.cfg.shuffle_seed, index, j])
-          element = self.mlm_example(element, rng, sentence_docs)
+        if transform is not None:  # the same draw in every evaluation
+          element = transform(element, np.random.default_rng([self.cfg.shuffle_seed, index, j]))
         count += 1
         yield preprocess.pad_single(element, self.lengths, self.pad_values)
 
@@ -313,29 +233,12 @@ class _Pipeline:
     padding = preprocess.padding_row(rows[0], self.pad_values)  # segment_ids 0 -> weights 0
     for i in range(n_batches):
       batch = preprocess.stack_rows(mine[i * b:(i + 1) * b], b, padding)
-      yield batch if self.windows else preprocess.finalize(self.task, batch, pairs=self.pairs)
-
-
-class _LazyMap(Sequence):
-  """`fn` over a sequence, computed on access and remembered."""
-
-  def __init__(self, items: Sequence, fn: Callable):
-    self._items, self._fn, self._cache = items, fn, {}
-
-  def __len__(self):
-    return len(self._items)
-
-  def __getitem__(self, i):
-    if i not in self._cache:
-      self._cache[i] = self._fn(self._items[i])
-    return self._cache[i]
+      yield batch if self.windows else self.objective.finalize(batch)
 
 
 def text_fields(config: Any, spec: sources_lib.Spec) -> tuple[str, ...]:
-  """The fields a trained tokenizer learns from: source and target for seq2seq, else the text."""
-  if config.task == 'seq2seq':
-    return (spec.source_field, spec.text_field)
-  return (spec.text_field,)
+  """The fields a trained tokenizer learns from (the objective's choice)."""
+  return get_objective(config).text_fields(spec)
 
 
 def load_or_train_tokenizer(config: Any, source: sources_lib.Source) -> tok_lib.Tokenizer:
@@ -359,7 +262,8 @@ def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1
   """The data pipeline of `config` (configs/common.py `base_config()`) for one process.
 
   Args:
-    config: the run's ConfigDict (reads config.task, config.batch_size, config.data.*).
+    config: the run's ConfigDict (reads config.task -- the objective --, config.batch_size and
+      config.data.*).
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()); each reads a disjoint shard.
     tokenizer: a tokenizer to use (e.g. `load_tokenizer(workdir/...)` on restore) instead of
@@ -367,10 +271,11 @@ def make_datasets(config: Any, *, process_index: int = 0, process_count: int = 1
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  objective = get_objective(config)
   source = sources_lib.open_source(config.data)
-  _check_config(config, source.spec.kind, process_count)
+  _check_config(config, objective, source.spec.kind, process_count)
   tokenizer = tokenizer or load_or_train_tokenizer(config, source)
-  pipe = _Pipeline(config, source, tokenizer, process_index, process_count)
+  pipe = _Pipeline(config, objective, source, tokenizer, process_index, process_count)
   source.split(config.data.eval_split)  # fail now, not at the first evaluation
   train = pipe.train_dataset()
   return DataBundle(

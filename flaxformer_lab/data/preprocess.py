@@ -1,9 +1,10 @@
-"""Per-example preprocessing for each task: pure numpy functions that pipeline.py maps.
+"""Per-example preprocessing: pure numpy functions that the objectives (flaxformer_lab/tasks) and
+pipeline.py map.
 
 Feature layout before batching (what grain's packer produces, and `pad_single` mimics for one
 example per row): for every sequence feature `f` of length L, `f` [L], `f_segment_ids` [L]
 (0 = padding, k = k-th example in the row) and `f_positions` [L] (restarting at 0 per segment).
-`finalize` turns a batch of that layout into the task's batch keys.
+An objective's `finalize` turns a batch of that layout into its batch keys.
 
 Special ids (bos, eos, cls, sep, mask, ...) are read from the tokenizer passed in, so a tokenizer
 with another id layout (e.g. a pretrained vocabulary wrapped in the `Tokenizer` interface) works.
@@ -19,27 +20,6 @@ import numpy as np
 from flaxformer_lab.data import tokenizers as tok_lib
 
 _SENTENCE_END = re.compile(r'[.!?]["\')\]]*(\s+)')
-
-
-def feature_lengths(task: str, seq_len: int, target_len: int) -> dict[str, int]:
-  """Length of every packed/padded sequence feature of `task`."""
-  if task == 'lm':
-    return {'inputs': seq_len, 'targets': seq_len}
-  if task == 'seq2seq':
-    return {'encoder_inputs': seq_len, 'decoder_inputs': target_len,
-            'decoder_targets': target_len}
-  if task == 'classification':
-    return {'inputs': seq_len}
-  if task == 'mlm':
-    return {'inputs': seq_len, 'targets': seq_len, 'weights': seq_len, 'token_type_ids': seq_len}
-  raise ValueError(f"unknown task {task!r}; the data pipeline knows lm, seq2seq, "
-                   'classification and mlm')
-
-
-def pad_values(task: str, tok: tok_lib.Tokenizer) -> dict[str, int]:
-  """Value that pads each sequence feature: the tokenizer's pad id for tokens, else 0."""
-  return {k: 0 if k in ('weights', 'token_type_ids') else tok.pad_id
-          for k in feature_lengths(task, 1, 1)}
 
 
 def _i32(x) -> np.ndarray:
@@ -238,42 +218,6 @@ def pad_single(example: dict[str, np.ndarray], lengths: dict[str, int],
     out[f'{key}_segment_ids'] = _i32(np.arange(length) < n)
     out[f'{key}_positions'] = _i32(np.where(np.arange(length) < n, np.arange(length), 0))
   return out
-
-
-def finalize(task: str, batch: dict[str, np.ndarray], *, pairs: bool = False
-             ) -> dict[str, np.ndarray]:
-  """The task's batch keys from a batch in the packer's layout (see the module docstring)."""
-  if task == 'lm':
-    return {'inputs': _i32(batch['inputs']), 'targets': _i32(batch['targets']),
-            'segment_ids': _i32(batch['inputs_segment_ids']),
-            'positions': _i32(batch['inputs_positions']),
-            'weights': (batch['targets_segment_ids'] > 0).astype(np.float32)}
-  if task == 'seq2seq':
-    return {'encoder_inputs': _i32(batch['encoder_inputs']),
-            'encoder_segment_ids': _i32(batch['encoder_inputs_segment_ids']),
-            'encoder_positions': _i32(batch['encoder_inputs_positions']),
-            'decoder_inputs': _i32(batch['decoder_inputs']),
-            'decoder_targets': _i32(batch['decoder_targets']),
-            'decoder_segment_ids': _i32(batch['decoder_inputs_segment_ids']),
-            'decoder_positions': _i32(batch['decoder_inputs_positions']),
-            'weights': (batch['decoder_targets_segment_ids'] > 0).astype(np.float32)}
-  if task == 'classification':
-    segment_ids = _i32(batch['inputs_segment_ids'])
-    return {'inputs': _i32(batch['inputs']), 'segment_ids': segment_ids,
-            'positions': _i32(batch['inputs_positions']),
-            'token_type_ids': np.zeros_like(segment_ids), 'label': _i32(batch['label']),
-            'weights': (segment_ids[:, 0] > 0).astype(np.float32)}
-  if task == 'mlm':
-    out = {'inputs': _i32(batch['inputs']), 'targets': _i32(batch['targets']),
-           'weights': np.asarray(batch['weights'], np.float32),
-           'segment_ids': _i32(batch['inputs_segment_ids']),
-           'positions': _i32(batch['inputs_positions']),
-           'token_type_ids': _i32(batch['token_type_ids'])}
-    if pairs:
-      out['pair_label'] = _i32(batch['pair_label'])
-      out['pair_weights'] = (out['segment_ids'][:, 0] > 0).astype(np.float32)
-    return out
-  raise ValueError(f'unknown task {task!r}')
 
 
 def padding_row(row: dict[str, np.ndarray], values: dict[str, int]) -> dict[str, np.ndarray]:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flaxformer_lab import tasks
 from flaxformer_lab.interop import hf_mapping as mapping
 from flaxformer_lab.interop.hf_mapping import UnsupportedError
 from flaxformer_lab.presets import common
@@ -65,9 +66,6 @@ _RUNTIME_FIELDS = ('attention_backend', 'scan_layers', 'remat_policy', 'dtype', 
 _HEAD_FIELDS = ('head', 'num_labels', 'pooling', 'pooler', 'head_transform', 'head_activation',
                 'classifier_hidden', 'classifier_activation', 'tie_embeddings',
                 'logits_scale_tied', 'logits_bias')
-# data/task defaults per lab head (the preset's other sections are kept).
-_TASK_OF_HEAD = {'mlm': 'mlm', 'mlm_nsp': 'mlm', 'lm': 'lm', 'seq2seq_lm': 'seq2seq',
-                 'classification': 'classification'}
 _PRESETS_WITH_TASK_ARG = ('bert', 'roberta', 'albert', 'distilbert', 'xlmr')
 
 
@@ -368,10 +366,10 @@ def training_config(fam: mapping.Family, fields: dict[str, Any]) -> ml_collectio
   c.model = common.model_config(**model)
   cfg = ModelConfig.from_dict(c.model)  # validates
   head = cfg.head
-  if head in _TASK_OF_HEAD:
-    c.task = _TASK_OF_HEAD[head]
-  if c.task == 'mlm' and head != 'mlm_nsp':
-    c.data.mlm_pairs = ''  # no pair head to train
+  objective = tasks.objective_for_head(head)  # the objective that trains this head by default
+  if objective is not None:
+    c.task = objective.name
+    objective.adapt_config(c, cfg)
   if cfg.position in ('learned', 'sinusoidal'):  # sequences must fit the position table
     room = cfg.max_len - cfg.position_offset
     c.data.seq_len = min(c.data.seq_len, room)

@@ -152,6 +152,67 @@ def logical_axis_rules() -> tuple[tuple[str, Any], ...]:
   )
 
 
+def metrics_eval(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
+  """An evaluation of the objective's metrics; by default on data.eval_split every eval_every
+  steps over data.eval_batches batches (references: overriding those keys moves it too)."""
+  e = ml_collections.ConfigDict()
+  e.type = 'metrics'
+  # An override replaces the reference (updating a referencing field would move its source).
+  e.every = overrides.pop('every', c.get_ref('eval_every'))
+  e.split = overrides.pop('split', c.data.get_ref('eval_split'))
+  e.max_batches = overrides.pop('max_batches', c.data.get_ref('eval_batches'))
+  e.seq_len = 0  # evaluation length (0 = data.seq_len)
+  e.prefix = 'eval'  # scalars are written as <prefix>/<metric>
+  e.update(overrides)
+  return e
+
+
+def bleu_eval(c: ml_collections.ConfigDict, every: int, **overrides: Any
+              ) -> ml_collections.ConfigDict:
+  """sacreBLEU of greedy decoding on the eval split (encoder_decoder presets)."""
+  e = ml_collections.ConfigDict()
+  e.type = 'bleu'
+  e.every = every  # steps between BLEU evaluations
+  e.split = overrides.pop('split', c.data.get_ref('eval_split'))
+  e.max_batches = overrides.pop('max_batches', c.data.get_ref('eval_batches'))
+  e.strategy = 'greedy'  # greedy | beam
+  e.num_beams = 4
+  e.length_penalty = 0.6
+  e.prefix = 'eval'
+  e.update(overrides)
+  return e
+
+
+def samples_eval(every: int, **overrides: Any) -> ml_collections.ConfigDict:
+  """A sampled continuation written to the log (decoder presets)."""
+  e = ml_collections.ConfigDict()
+  e.type = 'samples'
+  e.every = every  # steps between samples
+  e.prompt = ''  # '' = unconditional, from BOS
+  e.max_new_tokens = 64
+  e.temperature = 0.8
+  e.top_k = 0
+  e.top_p = 0.95
+  e.prefix = 'eval'
+  e.update(overrides)
+  return e
+
+
+def distill_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The distillation section (config.task='distill'; flaxformer_lab/tasks/distill.py)."""
+  d = ml_collections.ConfigDict()
+  d.teacher = ''  # a lab run directory of an MLM encoder, or hf:<dir> (*ForMaskedLM)
+  d.temperature = 2.0  # softmax temperature T of the soft-target term
+  d.alpha_ce = 5.0  # weight of KL(teacher_T || student_T) * T^2
+  d.alpha_mlm = 2.0  # weight of the student's own MLM cross entropy
+  d.alpha_cos = 1.0  # weight of 1 - cos(last hidden states)
+  d.restrict_ce_to_mask = False  # KL over masked positions only (script default: all real tokens)
+  d.student_init = 'teacher_layers'  # teacher_layers (copy the named layers) | none
+  d.teacher_layers = (0, 2, 4, 7, 9, 11)  # student layer i <- teacher layer teacher_layers[i]
+  d.update(overrides)
+  return d
+
+
 def base_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """A complete training config: model, task, data, optimizer, mesh and loop settings."""
   c = ml_collections.ConfigDict()
@@ -171,8 +232,14 @@ def base_config(model: ml_collections.ConfigDict | None = None) -> ml_collection
   c.async_checkpoints = True  # orbax saves in the background
   c.label_smoothing = 0.0  # seq2seq/LM cross entropy label smoothing
   c.init_from = ''  # '' | hf:<dir> (Hugging Face checkpoint) | a lab workdir to start from
-  c.bleu_every = 0  # encoder_decoder: steps between BLEU evaluations (0 = off)
-  c.sample_every = 0  # decoder: steps between printed samples (0 = off)
+  # Evaluations (flaxformer_lab/evals.py): name -> {type, every, ...}; the objective adds its
+  # defaults for names not given here. every: k > 0 every k steps and at the end, 0 only at the
+  # end, < 0 never. Types: metrics (split, max_batches, seq_len), bleu (split, max_batches,
+  # strategy, num_beams), samples (prompt, max_new_tokens, temperature, top_k, top_p),
+  # teacher_agreement (split, max_batches).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.eval = metrics_eval(c)
+  c.rng_impl = 'threefry2x32'  # PRNG of dropout keys: threefry2x32 | rbg | unsafe_rbg
   c.progress = 'auto'  # auto | bar | lines | off
   c.stop_at_step = 0  # save and exit after this step as if preempted (0 = run to num_steps)
   c.sweep = ml_collections.ConfigDict()  # set by `python -m flaxformer_lab.sweep`; kept in config.json

@@ -66,11 +66,10 @@ def get_config(arg=None):
   c.optim.grad_clip_norm = 1.0  # clip by global norm
   c.batch_size = 16  # sequences per update
   c.num_steps = 1000  # optimizer updates
-  c.sample_every = 0  # steps between printed samples (0 = off)
   if tiny:
     c.data.seq_len = 128  # fits the 128-row position table
     c.optim.learning_rate = 3e-3  # a small model from scratch tolerates a large step
     c.optim.warmup_steps = 50  # 10% of num_steps
     c.num_steps = 500  # a few minutes on 2 cores
-    c.sample_every = 250  # print a sample twice per run
+    c.evals.samples = common.samples_eval(every=250)  # print a sample twice per run
   return c

@@ -73,11 +73,11 @@ def get_config(arg=None):
   c.label_smoothing = 0.1  # Marian's transformer recipe
   c.batch_size = 32  # sentence pairs per update
   c.num_steps = 1000  # optimizer updates
-  c.bleu_every = 500  # steps between BLEU evaluations
+  if not tiny:  # sacreBLEU of greedy decoding on the validation split (not on CPU smoke runs)
+    c.evals.bleu = common.bleu_eval(c, every=500)
   if tiny:
     c.optim.learning_rate = 1e-3  # a small model from scratch tolerates a large step
     c.optim.warmup_steps = 50  # 10% of num_steps
     c.batch_size = 16  # CPU-sized batch
     c.num_steps = 500  # a few minutes on 2 cores
-    c.bleu_every = 0  # no BLEU on CPU smoke runs
   return c

@@ -1,10 +1,13 @@
-"""Objectives: batch -> model inputs, and model outputs + batch -> loss and metric sums.
+"""Objectives, one per file: everything about an objective (data, model inputs, loss, metrics,
+evaluations) is declared by its `Objective` subclass (see base.py). `config.task` names one."""
 
-A task knows nothing of meshes or the loop; the loop knows nothing of a task's internals. Metrics are
-returned as sums with their denominators (`*_sum`, `*_count`) so they aggregate exactly over
-micro-batches, devices and evaluation batches.
-"""
+from flaxformer_lab.tasks.base import DataContext
+from flaxformer_lab.tasks.base import FrozenModel
+from flaxformer_lab.tasks.base import Objective
+from flaxformer_lab.tasks.base import get_objective
+from flaxformer_lab.tasks.base import objective_for_head
+from flaxformer_lab.tasks.base import objective_names
+from flaxformer_lab.tasks.base import register
 
-from flaxformer_lab.tasks.base import Task, get_task
-
-__all__ = ['Task', 'get_task']
+__all__ = ['DataContext', 'FrozenModel', 'Objective', 'get_objective', 'objective_for_head',
+           'objective_names', 'register']
