@@ -11,8 +11,9 @@ levers that make warmup matter), cosine decay after a linear warmup of 0 / short
   python -m flaxformer_lab.sweep --sweep=experiments/prepost_ln/config.py --workdir=workdirs/prepost_ln
   python -m flaxformer_lab.sweep --sweep=experiments/prepost_ln/config.py --workdir=workdirs/prepost_ln --summarize
 
-Variants (after the colon): default (72 runs, under an hour on 2 CPU cores), smoke (3 tiny runs,
-used by the tests), gpu (a larger grid for an accelerator); key=value pairs override the sizes,
+Variants (after the colon): default (72 runs, under an hour on 2 CPU cores), levers (24 runs: the
+6-layer lr 3e-3 corner x clipping {off, 1.0} x beta2 {0.999, 0.98}), smoke (3 tiny runs, used by the
+tests), gpu (a larger grid for an accelerator); key=value pairs override the sizes,
 e.g. `:steps=600` or `:smoke,steps=40`.
 """
 
@@ -25,6 +26,9 @@ VARIANTS = {
                     lrs=(3e-3, 1e-2), seeds=(0, 1), seq_len=32, batch=16, eval_every=100),
     'smoke': dict(d_model=32, depths=(2,), steps=12, warmups=(0,), lrs=(3e-3,), seeds=(0,),
                   seq_len=32, batch=8, eval_every=6),
+    # the default grid's 6-layer, lr 3e-3 corner with the two optimizer levers swept too
+    'levers': dict(d_model=64, depths=(6,), steps=200, warmups=(0, 100), lrs=(3e-3,), seeds=(0,),
+                   seq_len=32, batch=16, eval_every=100),
     'gpu': dict(d_model=256, depths=(6, 18, 48), steps=3000, warmups=(0, 300, 1500),
                 lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2), seq_len=256, batch=64, eval_every=500),
 }
@@ -78,18 +82,26 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """{pre, post, deepnorm} x depths x peak lrs x warmups x seeds (slowest to fastest)."""
-  _, v = _arg(arg)
+  """{pre, post, deepnorm} x depths x peak lrs x warmups x seeds (slowest to fastest); the
+  `levers` variant adds gradient clipping {off, 1.0} x Adam beta2 {0.999, 0.98}."""
+  a, v = _arg(arg)
+  levers = [{}]
+  if a.variant == 'levers':
+    levers = product({'optim.grad_clip_norm': [0.0, 1.0]}, {'optim.b2': [0.999, 0.98]})
   return product(
       {'model.norm_position': ['pre', 'post', 'deepnorm']},
       {'model.num_layers': list(v['depths'])},
       {'optim.learning_rate': list(v['lrs'])},
       {'optim.warmup_steps': list(v['warmups'])},
+      levers,
       {'seed': list(v['seeds'])},
   )
 
 
 def get_plots(arg=None):
-  del arg
+  a, _ = _arg(arg)
+  if a.variant == 'levers':
+    return {'x': 'optim.warmup_steps', 'color': 'model.norm_position',
+            'style': 'optim.warmup_steps', 'panels': ['optim.grad_clip_norm', 'optim.b2']}
   return {'x': 'optim.warmup_steps', 'color': 'model.norm_position', 'style': 'optim.warmup_steps',
           'panels': ['model.num_layers', 'optim.learning_rate']}
