@@ -72,7 +72,7 @@ def init_cache(cfg: ModelConfig, params: Any, batch: int, cache_len: int,
   ([batch, cache_len]) with the 'cache' collection mutable, which is what `model.init` with
   decode=True does, minus the random parameter init (slow to compile; the given params are used).
   Under jit the dummy forward pass is dead code. Leaves: per layer `cached_key`/`cached_value`
-  [B, S, G, K] (and `cross_key`/`cross_value` for an encoder_decoder), and `key_positions` [S].
+  [B, G, S, K] (heads-major) (and `cross_key`/`cross_value` for an encoder_decoder), and `key_positions` [S].
   """
   model = _decode_model(cfg)
   ids = jnp.zeros((batch, cache_len), jnp.int32)
@@ -130,16 +130,53 @@ def prefill(cfg: ModelConfig, params: Any, cache: Any, prompt_ids_BxL: jax.Array
   return logits, mutated['cache']
 
 
+def output_head(cfg: ModelConfig, params: Any):
+  """The LM head as `hidden [B, L, D] -> float32 logits [B, L, V]` with a tied table transposed
+  once, or None where the model's own head should be used (untied: its kernel is already [D, V];
+  factorized embeddings).
+
+  Computes what `heads.LMHead` computes for a tied table (optional d_model**-0.5 scale, x @ E^T,
+  optional bias), but against E^T [D, V] materialized once per generate call, outside the loop:
+  XLA CPU's matmul against the [V, D] table repacked it on every step (10-20% slower for the
+  decode benchmark's [32, 384] x [384, 50257] head; tests/test_decoding checks the logits agree).
+  """
+  if not _TRANSPOSED_HEAD or not cfg.tie_embeddings or cfg.embed_dim != cfg.d_model:
+    return None
+  dtype = jnp.dtype(cfg.dtype)
+  name = ('decoder_tokens' if cfg.family == 'encoder_decoder' and
+          not cfg.share_encoder_decoder_embeddings else 'tokens')
+  table_DxV = jnp.transpose(params[name]['embedding']).astype(dtype)
+  bias_V = params['lm_head']['bias'].astype(dtype) if cfg.logits_bias else None
+
+  def head(h_BxLxD):
+    h = h_BxLxD
+    if cfg.logits_scale_tied:
+      h = h * (cfg.d_model ** -0.5)
+    logits = jnp.einsum('bld,dv->blv', h.astype(dtype), table_DxV)
+    if bias_V is not None:
+      logits = logits + bias_V
+    return logits.astype(jnp.float32)
+
+  return head
+
+
+_TRANSPOSED_HEAD = True  # decode against a once-transposed tied table (`output_head`)
+
+
 def decode_step(cfg: ModelConfig, params: Any, cache: Any, tokens_B: jax.Array,
                 positions_B: jax.Array,
-                source_segment_ids_BxLs: Optional[jax.Array] = None) -> tuple[jax.Array, Any]:
-  """Feeds one token per example at its position; returns the next-token logits [B, V]."""
+                source_segment_ids_BxLs: Optional[jax.Array] = None,
+                head: Any = None) -> tuple[jax.Array, Any]:
+  """Feeds one token per example at its position; returns the next-token logits [B, V].
+
+  `head` (from `output_head`) replaces the model's LM head when given.
+  """
   model = _decode_model(cfg)
 
   def fn(m: Transformer):
     h_Bx1xD = m.decode_hidden(tokens_B[:, None], None, positions_B[:, None].astype(jnp.int32),
                               None, source_segment_ids_BxLs)
-    return m.logits(h_Bx1xD)[:, 0]
+    return (m.logits(h_Bx1xD) if head is None else head(h_Bx1xD))[:, 0]
 
   logits, mutated = model.apply({'params': params, 'cache': cache}, method=fn, mutable=['cache'])
   return logits, mutated['cache']
@@ -210,6 +247,7 @@ def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, r
                      0 if source_BxLs is None else source_BxLs.shape[1])
   logits, cache = prefill(cfg, params, cache, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
   greedy = o.strategy == 'greedy'
+  head = output_head(cfg, params)
 
   def choose(s):
     i = s['i']
@@ -234,7 +272,7 @@ def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, r
     i = s['i']
     last_B = jax.lax.dynamic_slice_in_dim(s['tokens'], i - 1, 1, axis=1)[:, 0]
     logits, new_cache = decode_step(cfg, params, s['cache'], last_B, lengths_B + i - 1,
-                                    src_seg_BxLs)
+                                    src_seg_BxLs, head)
     return choose(dict(s, logits=logits, cache=new_cache))
 
   def cond(s):
@@ -246,6 +284,35 @@ def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, r
   state = jax.lax.while_loop(cond, body, choose(state))
   return dict(tokens=state['tokens'], lengths=state['lengths'], scores=state['scores'],
               steps=state['i'])
+
+
+# Switches kept for A/B benchmarks (experiments/decode_benchmark); both True by default.
+_TWO_STAGE = True  # beam candidates in two top_k stages (`_beam_candidates`)
+
+
+def _beam_candidates(logits_BKxV, alive_logp_BxK, m: int):
+  """The best `m` extensions (log-prob, parent beam, token) of each example's K alive beams.
+
+  Two stages, exact: an example's best m extensions hold at most m of any one beam, and within a
+  beam the order of log-probs is the order of its logits (the beam's log-prob and normalizer are
+  per-beam constants), so each beam's m best tokens are found from its raw logits ([B*K, V] ->
+  [B*K, m]), then the best m of those K * m candidates. Ties go to the lower (beam, token), as one
+  top_k over the flattened K * V candidates gives. The log-softmax is computed only at the chosen
+  tokens, with the same float operations as jax.nn.log_softmax, so scores are bit-identical; the
+  full [B*K, V] log-prob array is never written.
+  """
+  b, k = alive_logp_BxK.shape
+  logits = logits_BKxV.astype(jnp.float32)
+  m1 = min(m, logits.shape[-1])  # a beam offers at most V tokens (wide beams, tiny vocabularies)
+  top_BKxM, tok_BKxM = jax.lax.top_k(logits, m1)
+  peak_BKx1 = jnp.max(logits, axis=-1, keepdims=True)
+  log_z_BKx1 = jnp.log(jnp.sum(jnp.exp(logits - peak_BKx1), axis=-1, keepdims=True))
+  logp_BKxM = (top_BKxM - peak_BKx1) - log_z_BKx1
+  cand_BxKM = (alive_logp_BxK[:, :, None] + logp_BKxM.reshape(b, k, m1)).reshape(b, k * m1)
+  top_logp_BxM, idx_BxM = jax.lax.top_k(cand_BxKM, m)
+  parent_BxM = idx_BxM // m1
+  tok_BxM = jnp.take_along_axis(tok_BKxM.reshape(b, k * m1), idx_BxM, axis=1).astype(jnp.int32)
+  return top_logp_BxM, parent_BxM, tok_BxM
 
 
 def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source_BxLs,
@@ -264,6 +331,7 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
   ls = 0 if source_BxLs is None else source_BxLs.shape[1]
   cache = init_cache(cfg, params, b, l + n - 1, ls)
   logits_BxV, cache = prefill(cfg, params, cache, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
+  head = output_head(cfg, params)
   axes = _cache_batch_axes(cfg, params, l + n - 1, ls)
   tile = jnp.repeat(jnp.arange(b), k)  # [B*K]: beam j of example i is row i*K + j
   cache = gather_cache(cache, axes, tile)
@@ -276,10 +344,13 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
 
   def choose(s):
     i = s['i']
-    logp_BxKxV = jax.nn.log_softmax(s['logits'].astype(jnp.float32), axis=-1).reshape(b, k, v)
-    cand_BxKV = (s['alive_logp'][:, :, None] + logp_BxKxV).reshape(b, k * v)
-    top_logp_BxM, top_idx_BxM = jax.lax.top_k(cand_BxKV, m)
-    parent_BxM, tok_BxM = top_idx_BxM // v, (top_idx_BxM % v).astype(jnp.int32)
+    if _TWO_STAGE:
+      top_logp_BxM, parent_BxM, tok_BxM = _beam_candidates(s['logits'], s['alive_logp'], m)
+    else:
+      logp_BxKxV = jax.nn.log_softmax(s['logits'].astype(jnp.float32), axis=-1).reshape(b, k, v)
+      cand_BxKV = (s['alive_logp'][:, :, None] + logp_BxKxV).reshape(b, k * v)
+      top_logp_BxM, top_idx_BxM = jax.lax.top_k(cand_BxKV, m)
+      parent_BxM, tok_BxM = top_idx_BxM // v, (top_idx_BxM % v).astype(jnp.int32)
     seq_BxMxN = jnp.take_along_axis(s['alive_seq'], parent_BxM[:, :, None], axis=1)
     seq_BxMxN = jax.lax.dynamic_update_slice(seq_BxMxN, tok_BxM[:, :, None], (0, 0, i))
     valid_BxM = top_logp_BxM > NEG / 2
@@ -307,12 +378,13 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
     worst = jnp.min(jnp.where(fin_flag, fin_score, -jnp.inf), axis=1)
     done = ~any_alive | (alive_logp[:, 0] / max_penalty(i) < worst)
     return dict(s, i=i + 1, alive_seq=alive_seq, alive_logp=alive_logp, last=last.reshape(-1),
-                cache=gather_cache(s['cache'], axes, rows), fin_seq=fin_seq, fin_score=fin_score,
+                cache=gather_cache(s['cache'], axes, rows),
+                fin_seq=fin_seq, fin_score=fin_score,
                 fin_flag=fin_flag, done=jnp.all(done))
 
   def body(s):
     logits, new_cache = decode_step(cfg, params, s['cache'], s['last'], lengths_BK + s['i'] - 1,
-                                    src_seg_BKxLs)
+                                    src_seg_BKxLs, head)
     return choose(dict(s, logits=logits, cache=new_cache))
 
   def cond(s):

@@ -221,3 +221,37 @@ def test_fast_loss_equals_the_old_formulation_through_the_model(family, smoothin
     # (a parameter that cancels out, ~1e-11) are compared at 1e-3 of the largest gradient.
     scale = max(float(jnp.max(jnp.abs(y))), 1e-3 * overall)
     assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale
+
+
+# --- decoding: two-stage beam candidates, transposed output head -----------------------------------
+@pytest.mark.parametrize('k, v', [(4, 50), (3, 5), (8, 6)])  # the last two: 2K > V (wide beams)
+def test_two_stage_beam_candidates_equal_one_top_k_over_all_extensions(k, v):
+  from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
+  b, m = 3, min(2 * k, k * v)
+  logits = jax.random.normal(jax.random.PRNGKey(0), (b * k, v))
+  logits = logits.at[0, 1].set(logits[0, 2])  # a tie inside a beam
+  alive = jax.random.normal(jax.random.PRNGKey(1), (b, k)).at[:, 1:].add(-1.0)
+  logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, v)
+  want_logp, idx = jax.lax.top_k((alive[:, :, None] + logp).reshape(b, k * v), m)
+  got_logp, parent, tok = decoding._beam_candidates(logits, alive, m)
+  np.testing.assert_array_equal(got_logp, want_logp)  # bit-identical scores
+  np.testing.assert_array_equal(parent, idx // v)
+  np.testing.assert_array_equal(tok, idx % v)
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(logits_scale_tied=True, logits_bias=True),
+                                dict(family='encoder_decoder', share_encoder_decoder_embeddings=False),
+                                dict(tie_embeddings=False)])
+def test_decode_output_head_equals_the_models_lm_head(kw):
+  from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
+  cfg = tiny(**{'family': 'decoder', **kw})
+  params = init(cfg)
+  if cfg.logits_bias:
+    params['lm_head']['bias'] = 0.1 * jnp.arange(cfg.vocab_size, dtype=jnp.float32)
+  head = decoding.output_head(cfg, params)
+  if not cfg.tie_embeddings:
+    assert head is None  # the untied kernel is already [D, V]
+    return
+  h = jax.random.normal(jax.random.PRNGKey(2), (2, 1, cfg.d_model))
+  want = build_model(cfg).apply({'params': params}, h, method='logits')
+  np.testing.assert_allclose(head(h), want, rtol=1e-6, atol=1e-6)

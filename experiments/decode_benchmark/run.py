@@ -46,12 +46,15 @@ def parse_args(argv):
   p.add_argument('--new_tokens', type=int, default=32)
   p.add_argument('--batches', type=str, default='1,8')
   p.add_argument('--beams', type=int, default=4)
+  p.add_argument('--strategies', type=str, default='greedy,beam', help='greedy, beam or both')
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--threads', type=int, default=os.cpu_count() or 1,
                  help='torch.set_num_threads (XLA on CPU uses every core)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--scanned_decode', action='store_true',
                  help='decode with the scanned layer stack (generate(unroll_layers=False))')
+  p.add_argument('--device', type=str, default='auto',
+                 help="torch device of the HF model: auto (cuda when available) | cpu | cuda")
   p.add_argument('--out', type=str, default=os.path.join(os.path.dirname(__file__), 'results.md'))
   return p.parse_args(argv)
 
@@ -138,38 +141,44 @@ def main(argv=None):
   load0 = os.getloadavg()[0]
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
+  device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
   cfg = lab_config(args)
   model = build_model(cfg)
   params = jax.jit(lambda k: model.init(k, **dummy_inputs(cfg, 1, 8))['params'])(
       jax.random.PRNGKey(args.seed))
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   hf, hf_version, torch_version = hf_model(cfg, to_hf_state_dict(params, cfg))
+  hf = hf.to(device)
   params = jax.device_put(params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   rng = np.random.RandomState(args.seed)
   with torch.inference_mode():  # the first generate calls of a process are slow (lazy set-up)
-    warm = torch.zeros((1, args.prompt_len), dtype=torch.int64)
+    warm = torch.zeros((1, args.prompt_len), dtype=torch.int64, device=device)
     for beams in (1, args.beams):
       hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, num_beams=beams,
                   do_sample=False, pad_token_id=0)
   rows = []
   for batch in [int(b) for b in args.batches.split(',')]:
     prompt = rng.randint(0, cfg.vocab_size, size=(batch, args.prompt_len)).astype(np.int32)
-    for strategy, beams in (('greedy', 1), ('beam', args.beams)):
+    for strategy, beams in [(s, 1 if s == 'greedy' else args.beams)
+                            for s in args.strategies.split(',') if s]:
       lab_fn = lambda: jax.block_until_ready(decoding.generate(
           cfg, params, prompt, None, max_new_tokens=args.new_tokens, strategy=strategy,
           num_beams=beams, length_penalty=0.0, eos_id=None,
           unroll_layers=not args.scanned_decode)['tokens'])
-      ids = torch.from_numpy(prompt.astype(np.int64))
+      ids = torch.from_numpy(prompt.astype(np.int64)).to(device)
 
       def hf_fn():
         with torch.inference_mode():
-          return hf.generate(ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=args.new_tokens, min_new_tokens=0,
-                             do_sample=False, num_beams=beams, num_return_sequences=1,
-                             use_cache=True, pad_token_id=0)
+          out = hf.generate(ids, attention_mask=torch.ones_like(ids),
+                            max_new_tokens=args.new_tokens, min_new_tokens=0,
+                            do_sample=False, num_beams=beams, num_return_sequences=1,
+                            use_cache=True, pad_token_id=0)
+          sync()
+          return out
       (lab_out, lab_warm, lab_t), (hf_out, _, hf_t) = timed_pair(lab_fn, hf_fn, args.repeats)
-      hf_new = hf_out[:, args.prompt_len:].numpy()
+      hf_new = hf_out[:, args.prompt_len:].cpu().numpy()
       same = hf_new.shape == lab_out.shape and bool((hf_new == np.asarray(lab_out)).all())
       agree = float((hf_new == np.asarray(lab_out)).mean()) if hf_new.shape == lab_out.shape \
           else 0.0
@@ -200,7 +209,7 @@ def main(argv=None):
            f'decoding. Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at '
            f'the end. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, '
            f'{platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}), '
-           f'torch {torch_version} ({args.threads} threads), transformers {hf_version}.')
+           f'torch {torch_version} ({device}, {args.threads} threads), transformers {hf_version}.')
   report = f'Command: `{command.strip()}`\n\n{setup}\n\n{table}\n'
   print('\n' + report)
   with open(args.out, 'w') as f:
