@@ -126,3 +126,26 @@ def test_command_line_rejects_an_unknown_key(capsys):
   code = bench.main(['bench', '--config=configs/gpt2.py:tiny', '--config.model.num_layayers=1'])
   assert code == 2
   assert 'error' in capsys.readouterr().err
+
+
+def test_gpu_benchmark_script_runs_in_its_tiny_cpu_form(tmp_path):
+  """experiments/gpu_benchmark/run.py --tiny: every part, JSON and markdown written, no error."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('torch')
+  root = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
+  spec = importlib.util.spec_from_file_location(
+      'gpu_benchmark_run', f'{root}/experiments/gpu_benchmark/run.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / 'out'
+  assert module.main(['--tiny', f'--out={out}']) == 0
+  result = json.loads((out / 'results.json').read_text())
+  assert set(result['parts']) == {'gpt2', 'bert', 'decode'}
+  for part in ('gpt2', 'bert'):
+    r = result['parts'][part]
+    assert r['lab']['tokens_per_s'] > 0 and r['hf']['eager']['tokens_per_s'] > 0
+    assert r['hf']['eager']['params'] == r['lab']['params']
+    assert r['config']['model.dtype'] == 'bfloat16'
+  assert result['parts']['decode']['rows'][0]['same']
+  md = (out / 'results.md').read_text()
+  assert 'GPT-2 tiny' in md and 'BERT tiny' in md and 'Decoding vs generate' in md
