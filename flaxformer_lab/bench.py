@@ -75,68 +75,18 @@ def num_predictions(config) -> int:
 
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch with the keys the config's objective reads, one sequence per row, no padding.
-
-  MLM batches score `num_predictions` random distinct positions per row, given both as full-length
-  `targets`/`weights` and in BERT's gathered form (`masked_lm_positions`, `masked_lm_ids`,
-  `masked_lm_weights`, [B, P]) for an objective that scores only those positions.
-  """
-  b, l = int(config.batch_size), int(config.data.seq_len)
-  m = config.model
-  v = int(m.vocab_size)
-  rng = np.random.default_rng(seed)
-  ids = lambda shape: rng.integers(5, v, size=shape).astype(np.int32)
-  ones = np.ones((b, l), np.int32)
-  pos = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()
-  task = config.task
-  if task == 'lm':
-    tokens = ids((b, l + 1))
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=ones, positions=pos,
-                weights=np.ones((b, l), np.float32))
-  if task == 'mlm':
-    p = num_predictions(config)
-    masked = np.sort(np.stack([rng.choice(l, p, replace=False) for _ in range(b)]), axis=1)
-    masked = masked.astype(np.int32)
-    originals = ids((b, l))
-    inputs = originals.copy()
-    rows = np.arange(b)[:, None]
-    inputs[rows, masked] = 4  # a stand-in [MASK] id
-    weights = np.zeros((b, l), np.float32)
-    weights[rows, masked] = 1.0
-    types = np.zeros((b, l), np.int32)
-    if int(m.get('type_vocab_size', 0)) > 1:
-      types[:, l // 2:] = 1
-    batch = dict(inputs=inputs, targets=originals, weights=weights, segment_ids=ones,
-                 positions=pos, token_type_ids=types, masked_lm_positions=masked,
-                 masked_lm_ids=originals[rows, masked], masked_lm_weights=np.ones((b, p),
-                                                                                  np.float32))
-    if m.head == 'mlm_nsp':
-      batch['pair_label'] = rng.integers(0, 2, size=(b,)).astype(np.int32)
-      batch['pair_weights'] = np.ones((b,), np.float32)
-    return batch
-  if task == 'seq2seq':
-    lt = int(config.data.get('target_len') or l)
-    tgt = ids((b, lt + 1))
-    return dict(encoder_inputs=ids((b, l)), encoder_segment_ids=ones, encoder_positions=pos,
-                decoder_inputs=tgt[:, :-1], decoder_targets=tgt[:, 1:],
-                decoder_segment_ids=np.ones((b, lt), np.int32),
-                decoder_positions=np.broadcast_to(np.arange(lt, dtype=np.int32), (b, lt)).copy(),
-                weights=np.ones((b, lt), np.float32))
-  if task == 'classification':
-    types = np.zeros((b, l), np.int32)
-    return dict(inputs=ids((b, l)), segment_ids=ones, positions=pos, token_type_ids=types,
-                label=rng.integers(0, int(m.num_labels), size=(b,)).astype(np.int32),
-                weights=np.ones((b,), np.float32))
-  raise ValueError(f'bench has no synthetic batch for config.task={task!r} '
-                   '(lm, mlm, seq2seq, classification)')
+  """A batch with the keys the config's objective reads (the objective builds it: see
+  `Objective.synthetic_batch`), one sequence per row, no padding."""
+  from flaxformer_lab.tasks import get_objective  # pylint: disable=g-import-not-at-top
+  return get_objective(config).synthetic_batch(config, np.random.default_rng(seed))
 
 
 def tokens_per_step(config) -> int:
   """Positions processed per step, as the train loop counts them (its objective's tokens_key)."""
-  b, l = int(config.batch_size), int(config.data.seq_len)
-  if config.task == 'seq2seq':
-    return b * int(config.data.get('target_len') or l)
-  return b * l
+  from flaxformer_lab.tasks import get_objective  # pylint: disable=g-import-not-at-top
+  objective = get_objective(config)
+  batch = objective.synthetic_batch(config, np.random.default_rng(0))
+  return int(np.sum(batch[objective.tokens_key] != 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +178,7 @@ def model_flops_per_step(config, params) -> dict[str, float]:
   lt = int(config.data.get('target_len') or l) if cfg.family == 'encoder_decoder' else l
   enc_pos = b * l
   dec_pos = b * (lt if cfg.family == 'encoder_decoder' else l)
-  head_pos = b * num_predictions(config) if config.task == 'mlm' else (
+  head_pos = b * num_predictions(config) if cfg.head in ('mlm', 'mlm_nsp') else (
       dec_pos if cfg.family != 'encoder' else enc_pos)
   flat = traverse_util.flatten_dict(params)
   matmul = 0.0
@@ -369,7 +319,7 @@ def torch_batch(config, host_batch, device):
   for k, v in host_batch.items():
     if v.dtype.kind in 'iu':
       out[k] = torch.from_numpy(np.asarray(v, np.int64)).to(device)
-  if config.task == 'mlm':
+  if config.model.head in ('mlm', 'mlm_nsp'):  # HF's masked-LM labels (-100: not scored)
     labels = np.where(host_batch['weights'] > 0, host_batch['targets'], -100).astype(np.int64)
     out['labels'] = torch.from_numpy(labels).to(device)
   return out

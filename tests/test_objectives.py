@@ -39,7 +39,8 @@ def test_no_objective_name_is_tested_outside_tasks():
   pattern = re.compile(r'task ?(==|in) ')
   hits = []
   for path in _py_files():
-    if os.sep + 'tasks' + os.sep in path:
+    # tasks/ owns the objectives; presets/ read their own `task=` argument to build a config.
+    if os.sep + 'tasks' + os.sep in path or os.sep + 'presets' + os.sep in path:
       continue
     for i, line in enumerate(open(path, encoding='utf-8'), 1):
       if pattern.search(line):

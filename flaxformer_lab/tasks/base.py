@@ -33,29 +33,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
+def random_ids(config: Any, rng: np.random.Generator, shape) -> np.ndarray:
+  """Token ids drawn uniformly above the special ids (benchmarks' synthetic batches)."""
+  return rng.integers(5, int(config.model.vocab_size), size=shape).astype(np.int32)
+
+
+def arange_rows(b: int, l: int) -> np.ndarray:
+  return np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()
+
+from flaxformer_lab.losses import cross_entropy  # pylint: disable=unused-import  (re-exported)
 from flaxformer_lab.models.config import ConfigError
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, label_smoothing: float = 0.0):
-  """Weighted token cross entropy (nats) with optional label smoothing.
-
-  Returns (loss_sum, nll_sum, correct_sum, weight_sum): `loss_sum` is what is optimized (smoothed),
-  `nll_sum` the plain negative log-likelihood used for perplexity and reporting.
-  """
-  logits = logits_BxLxV.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-  if label_smoothing > 0:
-    smooth = -jnp.mean(logp, axis=-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-  else:
-    loss = nll
-  w = weights_BxL.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32)
-  return (jnp.sum(loss * w), jnp.sum(nll * w), jnp.sum(correct * w), jnp.sum(w))
 
 
 @dataclasses.dataclass
@@ -191,6 +182,11 @@ class Objective:
   def finalize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The objective's batch keys from a batch in the packer's layout (data/preprocess.py)."""
     raise NotImplementedError
+
+  def synthetic_batch(self, config: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A full batch of random tokens with this objective's keys (one sequence per row, no
+    padding), for benchmarks: `config.batch_size` rows of `config.data.seq_len`."""
+    raise NotImplementedError(f'{type(self).__name__} has no synthetic batch')
 
   # --- model and loss ----------------------------------------------------------------------------
 

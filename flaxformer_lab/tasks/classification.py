@@ -49,6 +49,13 @@ class Classification(base.Objective):
             'label': np.asarray(batch['label'], np.int32),
             'weights': (segment_ids[:, 0] > 0).astype(np.float32)}
 
+  def synthetic_batch(self, config, rng):
+    b, l = int(config.batch_size), int(config.data.seq_len)
+    return dict(inputs=base.random_ids(config, rng, (b, l)), segment_ids=np.ones((b, l), np.int32),
+                positions=base.arange_rows(b, l), token_type_ids=np.zeros((b, l), np.int32),
+                label=rng.integers(0, int(config.model.num_labels), size=(b,)).astype(np.int32),
+                weights=np.ones((b,), np.float32))
+
   def model_inputs(self, batch):
     return dict(input_ids=batch['inputs'], segment_ids=batch['segment_ids'],
                 positions=batch['positions'], token_type_ids=batch['token_type_ids'])

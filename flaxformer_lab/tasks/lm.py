@@ -42,6 +42,12 @@ class LanguageModelling(base.Objective):
             'positions': i32(batch['inputs_positions']),
             'weights': (batch['targets_segment_ids'] > 0).astype(np.float32)}
 
+  def synthetic_batch(self, config, rng):
+    b, l = int(config.batch_size), int(config.data.seq_len)
+    tokens = base.random_ids(config, rng, (b, l + 1))
+    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=np.ones((b, l), np.int32),
+                positions=base.arange_rows(b, l), weights=np.ones((b, l), np.float32))
+
   def model_inputs(self, batch):
     return dict(input_ids=batch['inputs'], segment_ids=batch['segment_ids'],
                 positions=batch['positions'])

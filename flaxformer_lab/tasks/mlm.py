@@ -129,6 +129,37 @@ class MaskedLanguageModelling(base.Objective):
       out['pair_weights'] = (out['segment_ids'][:, 0] > 0).astype(np.float32)
     return out
 
+  def num_predictions(self, config) -> int:
+    """Scored positions per row of a full sequence: ceil(mlm_probability * seq_len) (BERT's
+    max_predictions_per_seq)."""
+    return max(1, int(np.ceil(float(config.data.mlm_probability) * int(config.data.seq_len))))
+
+  def synthetic_batch(self, config, rng):
+    """`num_predictions` random distinct masked positions per row, given both as full-length
+    targets/weights and in BERT's gathered form (masked_lm_positions / _ids / _weights, [B, P])."""
+    b, l, m = int(config.batch_size), int(config.data.seq_len), config.model
+    p = self.num_predictions(config)
+    masked = np.sort(np.stack([rng.choice(l, p, replace=False) for _ in range(b)]), axis=1)
+    masked = masked.astype(np.int32)
+    originals = base.random_ids(config, rng, (b, l))
+    inputs = originals.copy()
+    rows = np.arange(b)[:, None]
+    inputs[rows, masked] = 4  # a stand-in [MASK] id
+    weights = np.zeros((b, l), np.float32)
+    weights[rows, masked] = 1.0
+    types = np.zeros((b, l), np.int32)
+    if int(m.get('type_vocab_size', 0)) > 1:
+      types[:, l // 2:] = 1
+    batch = dict(inputs=inputs, targets=originals, weights=weights,
+                 segment_ids=np.ones((b, l), np.int32), positions=base.arange_rows(b, l),
+                 token_type_ids=types, masked_lm_positions=masked,
+                 masked_lm_ids=originals[rows, masked],
+                 masked_lm_weights=np.ones((b, p), np.float32))
+    if m.head == 'mlm_nsp' and config.data.mlm_pairs:
+      batch['pair_label'] = rng.integers(0, 2, size=(b,)).astype(np.int32)
+      batch['pair_weights'] = np.ones((b,), np.float32)
+    return batch
+
   # --- model and loss --------------------------------------------------------------------------
 
   def model_inputs(self, batch):

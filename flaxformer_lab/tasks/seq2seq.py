@@ -51,6 +51,16 @@ class SequenceToSequence(base.Objective):
             'decoder_positions': i32(batch['decoder_inputs_positions']),
             'weights': (batch['decoder_targets_segment_ids'] > 0).astype(np.float32)}
 
+  def synthetic_batch(self, config, rng):
+    b, l = int(config.batch_size), int(config.data.seq_len)
+    lt = self.target_len(config.data)
+    tgt = base.random_ids(config, rng, (b, lt + 1))
+    return dict(encoder_inputs=base.random_ids(config, rng, (b, l)),
+                encoder_segment_ids=np.ones((b, l), np.int32),
+                encoder_positions=base.arange_rows(b, l), decoder_inputs=tgt[:, :-1],
+                decoder_targets=tgt[:, 1:], decoder_segment_ids=np.ones((b, lt), np.int32),
+                decoder_positions=base.arange_rows(b, lt), weights=np.ones((b, lt), np.float32))
+
   def model_inputs(self, batch):
     return dict(input_ids=batch['encoder_inputs'], segment_ids=batch['encoder_segment_ids'],
                 positions=batch['encoder_positions'], decoder_input_ids=batch['decoder_inputs'],
