@@ -11,6 +11,7 @@ ratio to the first variant. Levers that the training code does not switch on yet
 patching the objective while the step is traced (the patch is undone before the next variant):
 
   loss       the objectives' cross entropy -> flaxformer_lab.losses.cross_entropy
+  refloss    the objectives' cross entropy -> the original formulation (reference_cross_entropy)
   masked     MLM: the head scores only `masked_lm_positions` ([B, P]; targets/weights [B, P])
   oldmask    the per-layer boolean `where` mask (the form before the AttentionMask)
   unroll     model.scan_unroll = num_layers
@@ -86,6 +87,8 @@ def variant(config, levers: list[str]):
       continue
     if lever == 'loss':
       stack.enter_context(patched(tasks_base, 'cross_entropy', losses.cross_entropy))
+    elif lever == 'refloss':
+      stack.enter_context(patched(tasks_base, 'cross_entropy', losses.reference_cross_entropy))
     elif lever == 'oldmask':
       stack.enter_context(patched(transformer_lib, 'attention_mask', transformer_lib.visible_keys))
     elif lever == 'masked':

@@ -4,8 +4,9 @@ Shape letters: B batch, T query length, S key length, D d_model, H query heads, 
 R = H // G query heads per kv head, K head width.
 
 Masks: a stack builds one `AttentionMask` per forward pass (`transformer.attention_mask`) and every
-layer reads it: the einsum backend adds its float `bias` (0 visible, NEG_INF hidden) to the scores,
-so no layer re-derives a mask with a `where` over [B, H, T, S]; the library backends read `visible`
+layer reads it, so no layer re-derives the mask: the einsum backend selects with its boolean
+`visible` (measured faster on XLA CPU than adding the float `bias`, which stays for callers that
+have only a bias); the library backends read `visible`
 (booleans, as `jax.nn.dot_product_attention` wants) and, for cuDNN, `causal` (which lets the fused
 kernel skip the blocks above the diagonal). A plain boolean array is still accepted wherever a mask
 is (True = visible).
@@ -79,10 +80,13 @@ def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias
     bb = bias_BxHxTxS.shape[0]
     scores_BxGxRxTxS = scores_BxGxRxTxS + bias_BxHxTxS.astype(jnp.float32).reshape(
         bb, g, h // g, t, -1)
-  if mask_bias is not None:
-    scores_BxGxRxTxS = scores_BxGxRxTxS + mask_bias[:, :, None]
-  elif visible is not None:
+  # A select on the stack's one boolean mask measured faster on XLA CPU than adding its float
+  # bias (BERT row of issue 12: 0.91x the step time; GPT-2 row 0.98x; the select fuses into the
+  # softmax either way), so the bias is used only when no boolean form is at hand.
+  if visible is not None:
     scores_BxGxRxTxS = jnp.where(visible[:, :, None], scores_BxGxRxTxS, NEG_INF)
+  elif mask_bias is not None:
+    scores_BxGxRxTxS = scores_BxGxRxTxS + mask_bias[:, :, None]
   weights = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
