@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Optional
 
 from etils import epath
@@ -41,7 +42,9 @@ class RunDir:
   """Paths and readers of one run directory."""
 
   def __init__(self, path: str | epath.Path):
-    self.path = epath.Path(path)
+    path = str(path)
+    # Local paths are made absolute (orbax's metadata reader fails on relative ones).
+    self.path = epath.Path(path if '://' in path else os.path.abspath(path))
 
   def __repr__(self) -> str:
     return f'RunDir({str(self.path)!r})'

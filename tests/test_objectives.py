@@ -154,11 +154,11 @@ def test_bad_evals_are_one_line_config_errors(entry, message):
 
 def test_unknown_eval_type_from_the_command_line(tmp_path):
   from test_train import run_main  # pylint: disable=g-import-not-at-top
-  r = run_main(['--config=configs/gpt2.py:tiny', '--config.evals.eval.type=bleuu'],
+  r = run_main(['--config=configs/gpt2.py:tiny', '--config.evals.samples.type=bleuu'],
                tmp_path / 'w', str(tmp_path / 'tfds'), timeout=120)
   lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
   assert r.returncode == 2 and len(lines) == 1, r.stderr
-  assert "config.evals.eval.type='bleuu' is not one of" in lines[0]
+  assert "config.evals.samples.type='bleuu' is not one of" in lines[0]
   assert not os.path.exists(tmp_path / 'w')
 
 
@@ -182,6 +182,9 @@ def test_run_directory_restores_params_without_an_optimizer(tmp_path, monkeypatc
     ckpt.close()
   assert not np.array_equal(jax.tree.leaves(run.restore_params(2))[0],
                             jax.tree.leaves(run.restore_params(4))[0])
+  monkeypatch.chdir(tmp_path)  # a relative run directory reads the same
+  assert np.array_equal(jax.tree.leaves(rundir.RunDir('run').restore_params(4))[0],
+                        jax.tree.leaves(run.restore_params(4))[0])
   with pytest.raises(rundir.RunDirError, match=r'no checkpoint for step 3 .*steps: 2, 4'):
     run.restore_params(3)
   with pytest.raises(rundir.RunDirError, match='no config.json'):

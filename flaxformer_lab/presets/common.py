@@ -154,13 +154,12 @@ def logical_axis_rules() -> tuple[tuple[str, Any], ...]:
 
 def metrics_eval(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
   """An evaluation of the objective's metrics; by default on data.eval_split every eval_every
-  steps over data.eval_batches batches (references: overriding those keys moves it too)."""
+  steps over data.eval_batches batches (their values when called)."""
   e = ml_collections.ConfigDict()
   e.type = 'metrics'
-  # An override replaces the reference (updating a referencing field would move its source).
-  e.every = overrides.pop('every', c.get_ref('eval_every'))
-  e.split = overrides.pop('split', c.data.get_ref('eval_split'))
-  e.max_batches = overrides.pop('max_batches', c.data.get_ref('eval_batches'))
+  e.every = c.eval_every
+  e.split = c.data.eval_split
+  e.max_batches = c.data.eval_batches
   e.seq_len = 0  # evaluation length (0 = data.seq_len)
   e.prefix = 'eval'  # scalars are written as <prefix>/<metric>
   e.update(overrides)
@@ -173,8 +172,8 @@ def bleu_eval(c: ml_collections.ConfigDict, every: int, **overrides: Any
   e = ml_collections.ConfigDict()
   e.type = 'bleu'
   e.every = every  # steps between BLEU evaluations
-  e.split = overrides.pop('split', c.data.get_ref('eval_split'))
-  e.max_batches = overrides.pop('max_batches', c.data.get_ref('eval_batches'))
+  e.split = c.data.eval_split
+  e.max_batches = c.data.eval_batches
   e.strategy = 'greedy'  # greedy | beam
   e.num_beams = 4
   e.length_penalty = 0.6
@@ -237,8 +236,9 @@ def base_config(model: ml_collections.ConfigDict | None = None) -> ml_collection
   # end, < 0 never. Types: metrics (split, max_batches, seq_len), bleu (split, max_batches,
   # strategy, num_beams), samples (prompt, max_new_tokens, temperature, top_k, top_p),
   # teacher_agreement (split, max_batches).
+  # The default evaluation, `eval` (metrics on data.eval_split every eval_every steps over
+  # data.eval_batches batches), comes from the objective; entries here add to it or replace it.
   c.evals = ml_collections.ConfigDict()
-  c.evals.eval = metrics_eval(c)
   c.rng_impl = 'threefry2x32'  # PRNG of dropout keys: threefry2x32 | rbg | unsafe_rbg
   c.progress = 'auto'  # auto | bar | lines | off
   c.stop_at_step = 0  # save and exit after this step as if preempted (0 = run to num_steps)
