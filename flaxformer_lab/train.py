@@ -358,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_args = (frozen,) if setup.frozen_models else ()
   eval_ctx = evals_lib.EvalContext(config, objective, setup, data, frozen, setup.frozen_shardings)
   writer = metrics_lib.MetricWriter(workdir, total_steps=config.num_steps,
-                                    progress=config.progress, start_step=start or None)
+                                    progress=config.progress, start_step=start or None,
+                                    config=config)
   fetcher = metrics_lib.AsyncFetcher()
   guard = ckpt_lib.PreemptionGuard()
   batch_sh = shard_lib.batch_sharding(setup.mesh)
