@@ -104,7 +104,7 @@ def test_get_tokenizer_byte_and_errors():
     tok_lib.SentencePieceTokenizer.train(['abc'], vocab_size=100)
   assert isinstance(tok_lib.get_tokenizer(data_config(tokenizer='byte')), tok_lib.ByteTokenizer)
   with pytest.raises(ValueError, match='unknown tokenizer'):
-    tok_lib.get_tokenizer(data_config(tokenizer='wordpiece'))
+    tok_lib.get_tokenizer(data_config(tokenizer='unigram'))
   with pytest.raises(ValueError, match='no training text'):
     tok_lib.get_tokenizer(data_config(tokenizer='char'))
 

@@ -157,7 +157,7 @@ class _Pipeline:
       ds = ds.to_iter_dataset(_READ_OPTIONS).batch(self.global_batch_size, drop_remainder=True)
       return self._with_workers(ds.map(self._process_rows))
 
-    docs = grain.MapDataset.source(self.objective.documents(self.source, 'train'))
+    docs = grain.MapDataset.source(self.objective.read_documents(self.ctx, self.source, 'train'))
     tokenized = docs.map_with_index(self.tokenize)
     ds = tokenized.shuffle(seed).repeat().to_iter_dataset(_READ_OPTIONS)
     if self.objective.fans_out:
@@ -205,7 +205,7 @@ class _Pipeline:
         count += 1
         yield preprocess.lm_window(stream, i, self.seq_len, self.tokenizer.pad_id)
       return
-    docs = self.objective.documents(self.source, split)
+    docs = self.objective.read_documents(self.ctx, self.source, split)
     transform = self.objective.random_transform(self.ctx, docs)
     for index, example in enumerate(docs):
       features = self.tokenize(index, example)

@@ -106,13 +106,15 @@ def mlm_chunks(sentences: Sequence[Sequence[int]], budget: int,
   """Groups consecutive tokenized sentences into chunks of at most `budget` tokens.
 
   A sentence longer than the budget is cut into budget-sized pieces. Each chunk keeps the start
-  offsets of its sentences ('bounds') so that sentence-pair tasks can cut between sentences.
+  offsets of its sentences ('bounds') so that sentence-pair tasks can cut between sentences, its
+  document `doc` and its index in the document `chunk` (static masking seeds on both).
   """
   chunks, tokens, bounds = [], [], []
 
   def flush():
     if tokens:
-      chunks.append({'tokens': _i32(tokens), 'bounds': _i32(bounds), 'doc': np.int32(doc)})
+      chunks.append({'tokens': _i32(tokens), 'bounds': _i32(bounds), 'doc': np.int32(doc),
+                     'chunk': np.int32(len(chunks))})
 
   for sentence in sentences:
     for s in range(0, len(sentence), budget):
@@ -124,6 +126,37 @@ def mlm_chunks(sentences: Sequence[Sequence[int]], budget: int,
       tokens.extend(piece)
   flush()
   return chunks
+
+
+def full_sentences(documents: Sequence[Sequence[Sequence[int]]], budget: int,
+                   separator: int) -> list[dict[str, np.ndarray]]:
+  """RoBERTa's FULL-SENTENCES inputs: the tokenized sentences of consecutive documents packed
+  into rows of at most `budget` tokens, crossing document boundaries with `separator` between
+  two documents (never at the start or end of a row).
+
+  A sentence longer than the budget is cut into budget-sized pieces; a sentence that does not
+  fit starts the next row. Row k is {'tokens', 'bounds' (sentence starts), 'doc': k, 'chunk': 0}.
+  """
+  rows, tokens, bounds = [], [], []
+  for sentences in documents:
+    boundary = bool(tokens)  # a separator goes before this document's first sentence
+    for sentence in sentences:
+      for s in range(0, len(sentence), budget):
+        piece = list(sentence[s:s + budget])
+        need = len(piece) + int(boundary)
+        if tokens and len(tokens) + need > budget:
+          rows.append({'tokens': _i32(tokens), 'bounds': _i32(bounds), 'doc': np.int32(len(rows)),
+                       'chunk': np.int32(0)})
+          tokens, bounds, boundary = [], [], False
+        if boundary:
+          tokens.append(separator)
+          boundary = False
+        bounds.append(len(tokens))
+        tokens.extend(piece)
+  if tokens:
+    rows.append({'tokens': _i32(tokens), 'bounds': _i32(bounds), 'doc': np.int32(len(rows)),
+                 'chunk': np.int32(0)})
+  return rows
 
 
 def mlm_single(chunk: dict[str, np.ndarray], tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
@@ -172,19 +205,67 @@ def random_ordinary_ids(rng: np.random.Generator, n: int, tok: tok_lib.Tokenizer
   return ids
 
 
-def mask_tokens(inputs: np.ndarray, rng: np.random.Generator, *, probability: float,
-                tok: tok_lib.Tokenizer) -> dict[str, np.ndarray]:
-  """BERT's dynamic masking of one sequence.
+def num_to_predict(n: int, probability: float, max_predictions: int = 0) -> int:
+  """BERT's count of selected tokens among n candidates: round(probability * n), at least one
+  (when n > 0), at most `max_predictions` (max_predictions_per_seq; 0 = no cap)."""
+  k = min(n, max(1, int(round(probability * n))))
+  return min(k, max_predictions) if max_predictions > 0 else k
 
-  Selects round(probability * n) of the n ordinary tokens (not one of `tok.special_ids`:
-  pad, bos, eos, unk, [CLS], [SEP], [MASK]) uniformly (at least one
-  when n > 0); of those, 80% become [MASK], 10% a random ordinary token, 10% stay. Returns the
-  masked 'inputs', 'targets' (the original tokens everywhere) and 'weights' (1.0 on selected).
+
+def ngram_spans(candidates: np.ndarray, n_select: int, rng: np.random.Generator,
+                max_ngram: int) -> list[tuple[int, int]]:
+  """ALBERT's n-gram masking: spans (start index into `candidates`, n) covering at most
+  `n_select` candidates, with n in 1..max_ngram drawn with p(n) proportional to 1/n.
+
+  As ALBERT's create_pretraining_data: the start candidates are visited in random order; a span
+  covers consecutive positions only (n is drawn among the lengths that fit before a gap, e.g. a
+  [SEP], with the 1/n weights renormalized); when it would exceed `n_select` it is shortened, and
+  one that overlaps a chosen span is skipped.
+  """
+  m = len(candidates)
+  # run[i]: consecutive positions from candidate i on (capped at max_ngram).
+  run = np.ones(m, np.int64)
+  for i in range(m - 2, -1, -1):
+    if candidates[i + 1] == candidates[i] + 1:
+      run[i] = min(run[i + 1] + 1, max_ngram)
+  weights = 1.0 / np.arange(1, max_ngram + 1)
+  covered = np.zeros(m, bool)
+  spans, count = [], 0
+  for start in rng.permutation(m):
+    if count >= n_select:
+      break
+    if covered[start]:
+      continue
+    w = weights[:run[start]]
+    n = int(rng.choice(len(w), p=w / w.sum())) + 1
+    n = min(n, n_select - count)  # shorter n-grams rather than exceeding the count
+    if covered[start:start + n].any():
+      continue
+    covered[start:start + n] = True
+    spans.append((int(start), n))
+    count += n
+  return spans
+
+
+def mask_tokens(inputs: np.ndarray, rng: np.random.Generator, *, probability: float,
+                tok: tok_lib.Tokenizer, max_predictions: int = 0,
+                max_ngram: int = 1) -> dict[str, np.ndarray]:
+  """BERT's masking of one sequence (dynamic when `rng` is new at every read).
+
+  Selects `num_to_predict(n, probability, max_predictions)` of the n ordinary tokens (not one of
+  `tok.special_ids`: pad, bos, eos, unk, [CLS], [SEP], [MASK]) uniformly, or with
+  max_ngram > 1 as ALBERT's n-gram spans (`ngram_spans`); of those, 80% become [MASK], 10% a
+  random ordinary token, 10% stay (drawn per token). Returns the masked 'inputs', 'targets' (the
+  original tokens everywhere) and 'weights' (1.0 on selected).
   """
   inputs = _i32(inputs)
   candidates = np.flatnonzero(~np.isin(inputs, np.asarray(tok.special_ids)))
-  n_select = min(len(candidates), max(1, int(round(probability * len(candidates)))))
-  selected = rng.choice(candidates, size=n_select, replace=False) if n_select else candidates
+  n_select = num_to_predict(len(candidates), probability, max_predictions)
+  if max_ngram > 1 and n_select:
+    selected = np.concatenate([candidates[s:s + n] for s, n in
+                               ngram_spans(candidates, n_select, rng, max_ngram)])
+  else:
+    selected = rng.choice(candidates, size=n_select, replace=False) if n_select else candidates
   r = rng.random(len(selected))
   masked = inputs.copy()
   masked[selected[r < 0.8]] = tok.mask_id
@@ -193,6 +274,21 @@ def mask_tokens(inputs: np.ndarray, rng: np.random.Generator, *, probability: fl
   weights = np.zeros(len(inputs), np.float32)
   weights[selected] = 1.0
   return {'inputs': masked, 'targets': inputs, 'weights': weights}
+
+
+def gathered_predictions(example: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """BERT's gathered form of a masked example: masked_lm_positions / _ids / _weights [size], the
+  selected positions in order, their original tokens and 1.0, padded with 0 (weight 0)."""
+  positions = np.flatnonzero(example['weights'] > 0)
+  if len(positions) > size:
+    raise ValueError(f'{len(positions)} masked positions exceed max_predictions_per_seq={size}')
+  out = {'masked_lm_positions': np.zeros(size, np.int32),
+         'masked_lm_ids': np.zeros(size, np.int32),
+         'masked_lm_weights': np.zeros(size, np.float32)}
+  out['masked_lm_positions'][:len(positions)] = positions
+  out['masked_lm_ids'][:len(positions)] = example['targets'][positions]
+  out['masked_lm_weights'][:len(positions)] = 1.0
+  return out
 
 
 # --- padding and final keys -----------------------------------------------------------------------

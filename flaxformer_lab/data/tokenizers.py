@@ -1,12 +1,19 @@
-"""Tokenizers: bytes, characters, SentencePiece; one interface and one special-id layout.
+"""Tokenizers: bytes, characters, SentencePiece, WordPiece, byte-level BPE; one interface.
 
-Every tokenizer reserves the same seven ids at the bottom of its vocabulary:
+The lab's own tokenizers (byte, char, sentencepiece) reserve the same seven ids at the bottom of
+their vocabulary:
 
   pad 0, bos 1, eos 2, unk 3, cls 4 ([CLS]), sep 5 ([SEP]), mask 6 ([MASK])
 
 and ordinary tokens start at `num_special` = 7. `encode` never emits special ids except `unk`
 (never produced by the byte tokenizer, nor by SentencePiece, which falls back to bytes);
 `decode` drops every special id except `unk`, which it renders as U+FFFD.
+
+WordPiece (BERT, DistilBERT: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4; uncased, BERT's
+normalizer and pre-tokenizer) and byte-level BPE (RoBERTa, GPT-2: <s> 0, <pad> 1, </s> 2, <unk> 3,
+<mask> 4; <s>/</s> serve as [CLS]/[SEP], any text round-trips) are trained with the Hugging Face
+`tokenizers` library (`train_hf_tokenizer`) and wrapped as `interop.hf_tokenizer.HFTokenizer`, whose
+special ids are wherever the vocabulary puts them (`special_ids` lists them all).
 
 A tokenizer saves itself to a directory (`tokenizer.json` plus its vocabulary or model file) and
 `load_tokenizer(dir)` restores it, so a run's workdir can hold the tokenizer it was trained with.
@@ -242,6 +249,65 @@ def _atomic_write(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+# Trained Hugging Face tokenizers: kind -> the special tokens, by the lab's names.
+HF_KINDS = {
+    'wordpiece': {'pad': '[PAD]', 'unk': '[UNK]', 'cls': '[CLS]', 'sep': '[SEP]',
+                  'mask': '[MASK]'},
+    'bpe': {'bos': '<s>', 'pad': '<pad>', 'eos': '</s>', 'unk': '<unk>', 'mask': '<mask>',
+            'cls': '<s>', 'sep': '</s>'},
+}
+TRAINED_KINDS = ('char', 'sentencepiece', *HF_KINDS)
+
+
+def train_hf_tokenizer(texts: Iterable[str], *, kind: str, vocab_size: int) -> Tokenizer:
+  """A WordPiece (`kind='wordpiece'`, BERT uncased) or byte-level BPE (`'bpe'`, RoBERTa / GPT-2)
+  tokenizer trained on `texts` with the `tokenizers` library; specials first in the vocabulary.
+
+  Returned as an `HFTokenizer` (interop/hf_tokenizer.py) over the files a Hugging Face checkpoint
+  ships (`tokenizer.json`, `special_tokens_map.json`), so `save_hf` gives a usable HF tokenizer.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from flaxformer_lab.interop.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  if kind not in HF_KINDS:
+    raise ValueError(f"unknown Hugging Face tokenizer kind {kind!r}; use {' or '.join(HF_KINDS)}")
+  names = HF_KINDS[kind]
+  specials = list(dict.fromkeys(names.values()))  # in id order, <s>/</s> once
+  if vocab_size < len(specials) + 256 + 1:
+    raise ValueError(f'tokenizer_vocab_size={vocab_size} is too small for a {kind} tokenizer '
+                     f'(at least {len(specials) + 257}; a few thousand for useful pieces)')
+  ids = {t: i for i, t in enumerate(specials)}
+  if kind == 'wordpiece':
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token='[UNK]', max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # uncased, accents stripped
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix='##')
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                        continuing_subword_prefix='##', show_progress=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', ids['[CLS]']), ('[SEP]', ids['[SEP]'])])
+  else:
+    tok = tokenizers.Tokenizer(models.BPE())  # bytes: nothing is unknown
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.post_processor = processors.RobertaProcessing(('</s>', ids['</s>']), ('<s>', ids['<s>']))
+  tok.train_from_iterator(texts, trainer=trainer)
+  special_map = {f'{n}_token': t for n, t in names.items()}
+  files = {'tokenizer.json': tok.to_str().encode('utf-8'),
+           'special_tokens_map.json': json.dumps(special_map, indent=2).encode('utf-8')}
+  return HFTokenizer(files)
+
+
+def trained_vocab_size(data_config: Any) -> int:
+  """The vocabulary size a trained subword tokenizer is asked for: data.tokenizer_vocab_size, or
+  data.sp_vocab_size (the older key, read by configs without the new one) when that is 0."""
+  return int(data_config.get('tokenizer_vocab_size', 0) or data_config.sp_vocab_size)
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """The tokenizer saved in `directory` by `Tokenizer.save`."""
   path = os.path.join(directory, TOKENIZER_JSON)
@@ -273,23 +339,26 @@ def cache_name(data_config: Any, text_fields: Sequence[str]) -> str:
   subset = f'_first{limit}' if limit > 0 else ''
   if data_config.tokenizer == 'char':
     return f'char_{fields}{subset}'
-  return f'spm_{data_config.sp_model_type}_{data_config.sp_vocab_size}_{fields}{subset}'
+  if data_config.tokenizer in HF_KINDS:
+    return f'{data_config.tokenizer}_{trained_vocab_size(data_config)}_{fields}{subset}'
+  return f'spm_{data_config.sp_model_type}_{trained_vocab_size(data_config)}_{fields}{subset}'
 
 
 def get_tokenizer(data_config: Any, *, cache_dir: str | None = None,
                   train_texts: Callable[[], Iterable[str]] | None = None,
                   text_fields: Sequence[str] = ('text',)) -> Tokenizer:
-  """The tokenizer `data_config.tokenizer` names (byte | char | sentencepiece).
+  """The tokenizer `data_config.tokenizer` names (byte | char | sentencepiece | wordpiece | bpe).
 
-  Char and SentencePiece tokenizers are trained on `train_texts()` (the training split's text,
+  Char, SentencePiece, WordPiece and byte-level BPE tokenizers are trained on `train_texts()` (the training split's text,
   both sides for translation) the first time and cached in `cache_dir/<cache_name>/`; later
   calls load the cached files and do not retrain. With `cache_dir` None nothing is cached.
   """
   kind = data_config.tokenizer
   if kind == 'byte':
     return ByteTokenizer()
-  if kind not in ('char', 'sentencepiece'):
-    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte', 'char' or 'sentencepiece'")
+  if kind not in TRAINED_KINDS:
+    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte', 'char', 'sentencepiece', "
+                     "'wordpiece' or 'bpe'")
   directory = os.path.join(cache_dir, cache_name(data_config, text_fields)) if cache_dir else None
   if directory and os.path.isfile(os.path.join(directory, TOKENIZER_JSON)):
     return load_tokenizer(directory)
@@ -297,9 +366,11 @@ def get_tokenizer(data_config: Any, *, cache_dir: str | None = None,
     raise ValueError(f'the {kind} tokenizer must be trained but no training text was given')
   if kind == 'char':
     tok = CharTokenizer.train(train_texts())
+  elif kind in HF_KINDS:
+    tok = train_hf_tokenizer(train_texts(), kind=kind, vocab_size=trained_vocab_size(data_config))
   else:
     tok = SentencePieceTokenizer.train(
-        train_texts(), vocab_size=data_config.sp_vocab_size,
+        train_texts(), vocab_size=trained_vocab_size(data_config),
         model_type=data_config.sp_model_type,
         input_sentence_size=data_config.get('sp_input_sentence_size', 0))
   if directory:

@@ -74,8 +74,9 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   d.name = 'tiny_shakespeare'  # tiny_shakespeare | multi30k | sst2 | ag_news | synthetic_copy | ...
   d.manual_dir = default_data_dir()  # where the raw files are read from (no download when present)
   d.data_dir = os.environ.get('FLAXFORMER_TFDS_DIR', os.path.expanduser('~/tensorflow_datasets'))
-  d.tokenizer = 'byte'  # byte | char | sentencepiece
+  d.tokenizer = 'byte'  # byte | char | sentencepiece | wordpiece (BERT) | bpe (byte-level, RoBERTa)
   d.sp_vocab_size = 8000  # SentencePiece vocabulary size (trained on the training split, cached)
+  d.tokenizer_vocab_size = 0  # vocabulary of a trained sentencepiece / wordpiece / bpe (0 = sp_vocab_size)
   d.sp_model_type = 'unigram'  # unigram | bpe
   d.source_lang = 'de'  # translation source (multi30k: en | de | fr)
   d.target_lang = 'en'  # translation target
@@ -90,6 +91,11 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   d.sp_input_sentence_size = 1_000_000  # lines sampled to train SentencePiece (0 = all)
   d.mlm_probability = 0.15  # mlm: fraction of real tokens selected (80% [MASK], 10% random, 10% kept)
   d.mlm_pairs = ''  # mlm: '' (single segments) | nsp (next-sentence) | sop (sentence-order) pair_label
+  d.max_predictions_per_seq = 0  # mlm: cap on selected tokens per sequence (BERT: 20 at 128); 0 = none
+  d.mlm_masking = 'dynamic'  # mlm: dynamic (new mask per read) | static (fixed per example, BERT's data)
+  d.mlm_dupe_factor = 1  # mlm static masking: fixed masks per example, one drawn per read (BERT: 10)
+  d.mlm_max_ngram = 1  # mlm: mask spans of n <= this tokens, p(n) ~ 1/n (ALBERT: 3); 1 = single tokens
+  d.mlm_inputs = 'doc_sentences'  # mlm: doc_sentences (one document per row) | full_sentences (RoBERTa)
   d.synthetic_train_size = 10_000  # synthetic_*: training examples (synthetic_lm: lines of the stream)
   d.synthetic_eval_size = 500  # synthetic_*: validation and test examples
   d.synthetic_min_len = 2  # synthetic_*: shortest random string

@@ -158,6 +158,12 @@ class Objective:
     """The examples of `split` that `tokenize` receives."""
     return source.split(split)
 
+  def read_documents(self, ctx: DataContext, source: Any, split: str) -> Sequence[Any]:
+    """What the pipeline maps `tokenize` over: `documents(source, split)`, unless the objective
+    must see the tokenizer to regroup them (RoBERTa's FULL-SENTENCES rows span documents)."""
+    del ctx
+    return self.documents(source, split)
+
   def tokenize(self, ctx: DataContext, index: int, example: dict) -> Any:
     """One example -> a feature dict (or a list of them when `fans_out`)."""
     raise NotImplementedError(f'{type(self).__name__} does not read examples')

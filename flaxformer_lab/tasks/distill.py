@@ -61,6 +61,7 @@ class Distillation(MaskedLanguageModelling):
   families = ('encoder',)
   heads = ('mlm', 'mlm_nsp')
   default_for_heads = ()
+  gathers_predictions = False  # the KL term reads every position's logits
   report = {'loss': ('loss_sum', 'loss_count'),
             'kl_loss': ('kl_sum', 'kl_count'),
             'mlm_loss': ('mlm_loss_sum', 'loss_count'),

@@ -1,11 +1,23 @@
-"""Masked language modelling (BERT): loss on the selected positions, plus NSP/SOP when present.
+"""Masked language modelling (BERT, RoBERTa, ALBERT): loss on the selected positions, plus NSP/SOP.
 
-Data: documents (a stream data set's paragraphs) are split into sentences and grouped into chunks
-of at most seq_len - 2 tokens ([CLS] chunk [SEP]); with data.mlm_pairs a chunk becomes a sentence
-pair [CLS] A [SEP] B [SEP] labelled for next-sentence (nsp) or sentence-order (sop) prediction.
-Masking is dynamic: a new mask every time an example is read (80% [MASK], 10% random, 10% kept).
+Inputs (data.mlm_inputs): `doc_sentences` -- a document (a stream data set's paragraph, a text
+data set's example) is split into sentences grouped into chunks of at most seq_len - 2 tokens
+([CLS] chunk [SEP]); with data.mlm_pairs a chunk becomes a sentence pair [CLS] A [SEP] B [SEP]
+(token types 0 / 1) labelled for next-sentence (nsp: B replaced by text of another document with
+probability 1/2, label 1) or sentence-order (sop: A and B, consecutive, swapped with probability
+1/2, label 1) prediction. `full_sentences` (RoBERTa) -- the sentences of consecutive documents
+packed into full rows, crossing document boundaries with an extra [SEP] (no pairs, no packing).
+
+Masking: data.mlm_probability of the ordinary tokens, at most data.max_predictions_per_seq
+(BERT's cap; 0 = none), 80% [MASK], 10% random, 10% kept; data.mlm_max_ngram > 1 selects
+ALBERT's n-gram spans (p(n) ~ 1/n). data.mlm_masking: `dynamic` -- a new mask (and pair) every
+time an example is read (RoBERTa); `static` -- fixed per example, seeded by its document and
+chunk index, one of data.mlm_dupe_factor fixed masks drawn per read (BERT's data, dupe_factor).
+
 Batch: inputs, targets, weights, segment_ids, positions, token_type_ids [B, L]; with pairs also
-pair_label [B] and pair_weights [B].
+pair_label [B] and pair_weights [B]; with a cap and unpacked rows also BERT's gathered form
+masked_lm_positions / masked_lm_ids / masked_lm_weights [B, P = max_predictions_per_seq], which
+the model's MLM head then scores alone ([B, P, V] logits instead of [B, L, V]).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lab.data import preprocess
+from flaxformer_lab.data import tokenizers as tok_lib
 from flaxformer_lab.models.config import ConfigError
 from flaxformer_lab.tasks import base
 
@@ -47,6 +60,11 @@ class MaskedLanguageModelling(base.Objective):
             'pair_loss': ('pair_loss_sum', 'pair_count'),
             'pair_accuracy': ('pair_correct_sum', 'pair_count')}
   fans_out = True
+  # Whether the batch may carry BERT's gathered masked positions (the model then scores only
+  # those); an objective that needs every position's logits (distillation) turns it off.
+  gathers_predictions = True
+  MASKINGS = ('dynamic', 'static')
+  INPUTS = ('doc_sentences', 'full_sentences')
 
   # --- config ----------------------------------------------------------------------------------
 
@@ -57,6 +75,22 @@ class MaskedLanguageModelling(base.Objective):
       raise ConfigError(f"config.data.mlm_pairs must be '', 'nsp' or 'sop', got {d.mlm_pairs!r}")
     if not 0.0 < float(d.mlm_probability) < 1.0:
       raise ConfigError(f'config.data.mlm_probability={d.mlm_probability} must be in (0, 1)')
+    o = _options(d)
+    if o['mlm_masking'] not in self.MASKINGS:
+      raise ConfigError(f"config.data.mlm_masking must be 'dynamic' or 'static', got "
+                        f"{o['mlm_masking']!r}")
+    if o['mlm_inputs'] not in self.INPUTS:
+      raise ConfigError(f"config.data.mlm_inputs must be 'doc_sentences' or 'full_sentences', "
+                        f"got {o['mlm_inputs']!r}")
+    if o['mlm_inputs'] == 'full_sentences' and d.mlm_pairs:
+      raise ConfigError("config.data.mlm_inputs='full_sentences' has no sentence pairs: set "
+                        "config.data.mlm_pairs=''")
+    for key, low in (('max_predictions_per_seq', 0), ('mlm_dupe_factor', 1), ('mlm_max_ngram', 1)):
+      if int(o[key]) < low:
+        raise ConfigError(f'config.data.{key}={o[key]} must be >= {low}')
+    if int(o['max_predictions_per_seq']) > int(d.seq_len):
+      raise ConfigError(f"config.data.max_predictions_per_seq={o['max_predictions_per_seq']} "
+                        f'exceeds config.data.seq_len={d.seq_len}')
 
   def adapt_config(self, config, model_cfg):
     if model_cfg.head != 'mlm_nsp':
@@ -80,12 +114,22 @@ class MaskedLanguageModelling(base.Objective):
       return [{'text': p} for ex in examples for p in ex['text'].split('\n\n') if p.strip()]
     return examples
 
+  def read_documents(self, ctx, source, split):
+    """full_sentences: the split's rows (chunk dicts), packed across documents up front."""
+    docs = self.documents(source, split)
+    if _options(ctx.data_config)['mlm_inputs'] != 'full_sentences':
+      return docs
+    return preprocess.full_sentences((self.sentence_ids(ctx, ex) for ex in docs),
+                                     ctx.seq_len - 2, ctx.tokenizer.sep_id)
+
   def sentence_ids(self, ctx, example):
     """The tokenized sentences of a document."""
     sentences = preprocess.split_sentences(example[ctx.spec.text_field])
     return [ids for ids in map(ctx.tokenizer.encode, sentences) if ids]
 
   def tokenize(self, ctx, index, example):
+    if _options(ctx.data_config)['mlm_inputs'] == 'full_sentences':
+      return [example]  # already a row (read_documents)
     pairs = self._pairs(ctx.data_config)
     budget = ctx.seq_len - (3 if pairs else 2)
     chunks = preprocess.mlm_chunks(self.sentence_ids(ctx, example), budget, index)
@@ -97,18 +141,34 @@ class MaskedLanguageModelling(base.Objective):
 
   def _mask(self, ctx, docs, chunk, rng):
     """A chunk -> a masked example (with a sentence pair when mlm_pairs is on)."""
-    cfg, tok = ctx.data_config, ctx.tokenizer
+    cfg, tok, o = ctx.data_config, ctx.tokenizer, _options(ctx.data_config)
+    if o['mlm_masking'] == 'static':  # the example's own draws: one of dupe_factor fixed ones
+      dupe = int(rng.integers(int(o['mlm_dupe_factor'])))
+      rng = np.random.default_rng([int(cfg.shuffle_seed), int(chunk['doc']),
+                                   int(chunk.get('chunk', 0)), dupe])
     if self._pairs(cfg):
       example = preprocess.mlm_pair(chunk, rng, cfg.mlm_pairs,
                                     functools.partial(_random_segment, docs=docs, tok=tok), tok)
     else:
       example = preprocess.mlm_single(chunk, tok)
+    cap = int(o['max_predictions_per_seq'])
     masked = preprocess.mask_tokens(example['inputs'], rng, probability=cfg.mlm_probability,
-                                    tok=tok)
-    return {**example, **masked}
+                                    tok=tok, max_predictions=cap,
+                                    max_ngram=int(o['mlm_max_ngram']))
+    out = {**example, **masked}
+    if self._gathered(cfg):
+      out.update(preprocess.gathered_predictions(masked, cap))
+    return out
 
   def packable(self, data_config):
-    return bool(data_config.pack) and not self._pairs(data_config)
+    return (bool(data_config.pack) and not self._pairs(data_config)
+            and _options(data_config)['mlm_inputs'] != 'full_sentences')
+
+  def _gathered(self, data_config) -> bool:
+    """Whether rows carry BERT's gathered form: a cap, one example per row, an objective that
+    scores only the masked positions."""
+    return (self.gathers_predictions and int(_options(data_config)['max_predictions_per_seq']) > 0
+            and not self.packable(data_config))
 
   def feature_lengths(self, seq_len, target_len):
     return {'inputs': seq_len, 'targets': seq_len, 'weights': seq_len, 'token_type_ids': seq_len}
@@ -127,12 +187,18 @@ class MaskedLanguageModelling(base.Objective):
     if 'pair_label' in batch:
       out['pair_label'] = i32(batch['pair_label'])
       out['pair_weights'] = (out['segment_ids'][:, 0] > 0).astype(np.float32)
+    if 'masked_lm_positions' in batch:
+      out['masked_lm_positions'] = i32(batch['masked_lm_positions'])
+      out['masked_lm_ids'] = i32(batch['masked_lm_ids'])
+      out['masked_lm_weights'] = np.asarray(batch['masked_lm_weights'], np.float32)
     return out
 
   def num_predictions(self, config) -> int:
-    """Scored positions per row of a full sequence: ceil(mlm_probability * seq_len) (BERT's
-    max_predictions_per_seq)."""
-    return max(1, int(np.ceil(float(config.data.mlm_probability) * int(config.data.seq_len))))
+    """Scored positions per row of a full sequence: data.max_predictions_per_seq when set, else
+    ceil(mlm_probability * seq_len) (BERT's choice of max_predictions_per_seq)."""
+    cap = int(_options(config.data)['max_predictions_per_seq'])
+    return cap or max(1, int(np.ceil(float(config.data.mlm_probability) *
+                                     int(config.data.seq_len))))
 
   def synthetic_batch(self, config, rng):
     """`num_predictions` random distinct masked positions per row, given both as full-length
@@ -163,12 +229,25 @@ class MaskedLanguageModelling(base.Objective):
   # --- model and loss --------------------------------------------------------------------------
 
   def model_inputs(self, batch):
-    return dict(input_ids=batch['inputs'], segment_ids=batch['segment_ids'],
-                positions=batch['positions'], token_type_ids=batch['token_type_ids'])
+    inputs = dict(input_ids=batch['inputs'], segment_ids=batch['segment_ids'],
+                  positions=batch['positions'], token_type_ids=batch['token_type_ids'])
+    if self._scores_gathered(batch):
+      inputs['masked_positions'] = batch['masked_lm_positions']  # logits [B, P, V]
+    return inputs
+
+  def _scores_gathered(self, batch) -> bool:
+    """Whether the model scores only the gathered positions: the run's config asks for them (a
+    cap on unpacked rows) and the batch has them (benchmarks' synthetic batches always do)."""
+    return ('masked_lm_positions' in batch and self.config is not None
+            and self._gathered(self.config.data))
 
   def score(self, outputs, batch, label_smoothing):
-    loss, nll, correct, count = base.cross_entropy(outputs['logits'], batch['targets'],
-                                                   batch['weights'], label_smoothing)
+    if self._scores_gathered(batch):
+      targets, weights = batch['masked_lm_ids'], batch['masked_lm_weights']  # [B, P]
+    else:
+      targets, weights = batch['targets'], batch['weights']  # [B, L]
+    loss, nll, correct, count = base.cross_entropy(outputs['logits'], targets, weights,
+                                                   label_smoothing)
     sums = dict(mlm_loss_sum=loss, loss_count=count, nll_sum=nll, correct_sum=correct,
                 loss_sum=loss)
     if 'pair_label' in batch and 'pair_logits' in outputs:
@@ -179,6 +258,13 @@ class MaskedLanguageModelling(base.Objective):
       sums.update(pair_loss_sum=p_loss, pair_count=p_count, pair_correct_sum=p_correct)
       sums['loss_sum'] = loss + p_loss * count / jnp.maximum(p_count, 1.0)
     return sums
+
+
+def _options(data_config) -> dict:
+  """The masking/input settings, with their defaults for configs written before they existed."""
+  defaults = dict(max_predictions_per_seq=0, mlm_masking='dynamic', mlm_dupe_factor=1,
+                  mlm_max_ngram=1, mlm_inputs='doc_sentences')
+  return {k: data_config.get(k, v) for k, v in defaults.items()}
 
 
 def _random_segment(rng: np.random.Generator, max_len: int, doc: int, docs, tok) -> np.ndarray:
