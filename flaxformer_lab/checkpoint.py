@@ -139,6 +139,9 @@ class Checkpointer:
       meta: a JSON dict stored with every checkpoint (e.g. the frozen teacher's source and
         fingerprint); read back with `stored_meta`.
     """
+    if int(keep) < 1:
+      raise ValueError(f'keep_checkpoints={keep} must be >= 1 (0 would keep no checkpoint and '
+                       'delete the existing ones)')
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self._config = _config_json(config)
     self._meta = dict(meta or {})
@@ -379,15 +382,25 @@ class PreemptionGuard:
   steps divisible by it. Single-process, it only reads the flag.
   """
 
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), sync_every: int = 1):
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,), sync_every: int = 1,
+               install: bool = True):
+    """`install=False`: the handlers are installed later by `install()` (until then the signals
+    keep their current action; the train loop waits for the first compiled step)."""
     self.sync_every = max(int(sync_every), 1)
     self._flag = threading.Event()
+    self._signals = tuple(signals)
     self._previous = {}
     self.signal_received = None
     if threading.current_thread() is not threading.main_thread():
       raise RuntimeError('PreemptionGuard must be created in the main thread (signal handlers)')
-    for sig in signals:
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if install:
+      self.install()
+
+  def install(self) -> None:
+    """Installs the stop-flag handlers (idempotent)."""
+    for sig in self._signals:
+      if sig not in self._previous:
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame

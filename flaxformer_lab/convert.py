@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 
 from flaxformer_lab import checkpoint as ckpt_lib
+from flaxformer_lab import errors
 from flaxformer_lab import rundir
 from flaxformer_lab.interop import hf_tokenizer
 from flaxformer_lab.interop import huggingface
@@ -88,4 +88,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['hf_dir', 'workdir'])
-  app.run(main)
+  errors.run(main)  # bad input (a missing or mismatched checkpoint) -> one line, exit status 2

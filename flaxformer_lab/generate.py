@@ -15,9 +15,10 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from flaxformer_lab import errors
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (config.json, tokenizer/, '
@@ -45,9 +46,46 @@ _BLEU_BATCHES = flags.DEFINE_integer('bleu_batches', 0, 'Eval batches for BLEU (
 _SHOW = flags.DEFINE_integer('show', 3, 'BLEU: examples printed (source, reference, hypothesis).')
 
 
-def fail(message: str, code: int = 2):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
+fail = errors.fail
+
+
+def check_flags() -> None:
+  """Decoding flags that cannot work: one line naming the flag (exit status 2)."""
+  checks = [
+      (_MAX_NEW, _MAX_NEW.value >= 1, 'must be >= 1'),
+      (_TEMPERATURE, _TEMPERATURE.value >= 0, 'must be >= 0 (0 = greedy)'),
+      (_TOP_K, _TOP_K.value >= 0, 'must be >= 0 (0 = all tokens)'),
+      (_TOP_P, 0 < _TOP_P.value <= 1, 'must be in (0, 1] (1 = off)'),
+      (_NUM_BEAMS, _NUM_BEAMS.value >= 1, 'must be >= 1'),
+      (_NUM_SAMPLES, _NUM_SAMPLES.value >= 1, 'must be >= 1'),
+      (_BLEU_BATCHES, _BLEU_BATCHES.value >= 0, 'must be >= 0 (0 = the whole split)'),
+  ]
+  if _STEP.value is not None:
+    checks.append((_STEP, _STEP.value >= 0, 'must be >= 0 (a saved checkpoint step)'))
+  for flag, ok, rule in checks:
+    if not ok:
+      fail(f'--{flag.name}={flag.value} {rule}')
+  for name, texts in (('prompt', _PROMPT.value), ('source', _SOURCE.value)):
+    if any(not t.strip() for t in texts):
+      fail(f'--{name} is empty: give some text' + (
+          ', or leave --prompt out for an unconditional sample' if name == 'prompt' else ''))
+
+
+def check_lengths(config, tokenizer, texts) -> None:
+  """A text longer than the learned/sinusoidal position table is refused (it cannot be read)."""
+  from flaxformer_lab.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.from_dict(config.model)
+  if cfg.position not in ('learned', 'sinusoidal'):
+    return
+  room = cfg.max_len - 1  # BOS (decoder) or EOS (encoder) takes one row
+  if cfg.family == 'decoder':
+    room -= 1  # and at least one new token must fit
+  for text in texts:
+    n = len(tokenizer.encode(text))
+    if n > room:
+      fail(f'the text {text[:40]!r}{"..." if len(text) > 40 else ""} is {n} tokens, more than '
+           f'the {room} that fit the {cfg.position} position table (model.max_len={cfg.max_len}):'
+           ' shorten it')
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -85,14 +123,11 @@ def main(argv):
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value:
     fail('--workdir is required')
+  check_flags()
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter off; --verbosity=0 restores it
   from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
-  from flaxformer_lab import rundir  # pylint: disable=g-import-not-at-top
-  try:
-    config, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)
-  except (FileNotFoundError, ValueError, rundir.RunDirError) as e:
-    fail(str(e).splitlines()[0])
+  config, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)
   family = config.model.family
   if family not in ('decoder', 'encoder_decoder'):
     fail(f'model.family={family!r} does not generate text')
@@ -110,6 +145,7 @@ def main(argv):
     if family == 'encoder_decoder':
       fail('give at least one --source (or --bleu_split)')
     texts = ['']  # unconditional sample from BOS
+  check_lengths(config, tokenizer, texts)
   for i in range(_NUM_SAMPLES.value):
     start = time.time()
     outs = decoding.generate_texts(
@@ -128,4 +164,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

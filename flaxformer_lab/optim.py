@@ -48,13 +48,44 @@ Schedule = Callable[[Any], jax.Array]
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
   if value not in valid:
-    raise ValueError(f'unknown {kind} {value!r}; valid: {", ".join(valid)}')
+    raise ValueError(f'config.{kind}={value!r} is unknown; valid: {", ".join(valid)}')
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate(optim_config) -> None:
+  """Raises ValueError naming the `optim.<field>` that cannot work and what to change."""
+  o = optim_config
+  _check_choice('optim.name', o.name, OPTIMIZERS)
+  _check_choice('optim.schedule', o.schedule, SCHEDULES)
+  checks = [
+      ('learning_rate', lambda v: v >= 0, 'must be >= 0 (the peak learning rate)'),
+      ('warmup_steps', lambda v: v >= 0 and float(v).is_integer(), 'must be an integer >= 0'),
+      ('grad_accum_steps', lambda v: v >= 1 and float(v).is_integer(),
+       'must be an integer >= 1 (micro-batches per update)'),
+      ('end_lr_fraction', lambda v: v >= 0, 'must be >= 0 (final lr as a fraction of the peak)'),
+      ('weight_decay', lambda v: v >= 0, 'must be >= 0'),
+      ('grad_clip_norm', lambda v: v >= 0, 'must be >= 0 (0 = no clipping)'),
+  ]
+  if o.name in ('adamw', 'lamb'):
+    checks += [
+        ('b1', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+        ('b2', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+        ('eps', lambda v: v > 0, 'must be > 0 (with eps=0 a parameter that never gets a gradient '
+         'becomes 0/0 = NaN); the usual value is 1e-8'),
+    ]
+  for name, ok, rule in checks:
+    value = o.get(name)
+    if not _number(value) or not ok(value):
+      raise ValueError(f'config.optim.{name}={value!r} {rule}')
 
 
 def make_schedule(name: str, peak: float, warmup_steps: int, num_steps: int,
                   end_lr_fraction: float = 0.0) -> Schedule:
   """Returns `lr(step) -> float32 array` for one of `SCHEDULES` (formulas in the module docstring)."""
-  _check_choice('schedule', name, SCHEDULES)
+  _check_choice('optim.schedule', name, SCHEDULES)
   if warmup_steps < 0:
     raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}')
   peak = float(peak)
@@ -176,7 +207,7 @@ def make_optimizer(optim_config, num_steps: int) -> tuple[optax.GradientTransfor
   parameter RMS, T5 style) and the same decoupled decay `lr(step) * weight_decay * param`.
   """
   o = optim_config
-  _check_choice('optimizer', o.name, OPTIMIZERS)
+  validate(o)
   schedule = make_schedule(o.schedule, o.learning_rate, o.warmup_steps, num_steps,
                            o.end_lr_fraction)
   if o.grad_accum_steps < 1:

@@ -99,7 +99,12 @@ class RunDir:
     from flaxformer_lab.data import tokenizers  # pylint: disable=g-import-not-at-top
     if not self.has_tokenizer():
       raise RunDirError(f'no tokenizer in {self.tokenizer_dir}')
-    return tokenizers.load_tokenizer(str(self.tokenizer_dir))
+    try:
+      return tokenizers.load_tokenizer(str(self.tokenizer_dir))
+    except Exception as e:  # pylint: disable=broad-except
+      raise RunDirError(f'the tokenizer in {self.tokenizer_dir} is corrupt or unreadable '
+                        f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""})'
+                        '; restore it from a backup or retrain in a new run directory') from e
 
   def save_tokenizer(self, tokenizer) -> None:
     if jax.process_index() == 0:

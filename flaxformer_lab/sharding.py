@@ -43,6 +43,18 @@ ENV_NUM_CPU_DEVICES = 'FLAXFORMER_NUM_CPU_DEVICES'  # optional: CPU devices per 
 ENV_AUTO_DETECT = 'FLAXFORMER_DISTRIBUTED'  # '1': call jax.distributed.initialize() with no args
 
 
+def check_mesh_config(mesh_config) -> None:
+  """`mesh.shape` is a tuple of ints (one per `mesh.axis_names`); raises ValueError naming it."""
+  shape, names = mesh_config.shape, tuple(mesh_config.axis_names)
+  if (not isinstance(shape, (tuple, list)) or
+      not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+    raise ValueError(f'config.mesh.shape={shape!r} must be a tuple of ints, one per axis of '
+                     f'{names}, e.g. --config.mesh.shape="(-1,1,1)"')
+  if len(shape) != len(names):
+    raise ValueError(f'config.mesh.shape={tuple(shape)} has {len(shape)} sizes for the '
+                     f'{len(names)} axes {names}')
+
+
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Replaces the single -1 of `shape` so that the product is `num_devices`; errors clearly."""
   shape = tuple(int(s) for s in shape)

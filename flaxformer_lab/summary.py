@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 from ml_collections import config_flags
 import numpy as np
 
+from flaxformer_lab import errors
 from flaxformer_lab.models.config import ConfigError, ModelConfig
 from flaxformer_lab.models.transformer import build_model, dummy_inputs
 
@@ -172,37 +171,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
 
 
-def _parse_flags(argv):
-  """absl flag parsing, with a bad config override reported in one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    if any(l.startswith('Traceback') for l in lines):  # an error inside get_config: keep its line
-      lines = [lines[0], lines[-1]]
-    print(' '.join(lines), file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these raw for an unknown or mistyped override key: say it in one line.
-    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    detail = ' '.join(str(e.args[0] if e.args else e).split())
-    print(f'error in --config or its overrides ({overrides or "none"}): unknown or invalid field '
-          f'{detail}', file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   jax.config.update('jax_platforms', 'cpu')  # shapes only: no accelerator is needed or probed
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/bert.py:base')
+    errors.fail('--config is required, e.g. --config=configs/bert.py:base')
   try:
     cfg = model_config_of(config)
   except ConfigError as e:
-    print(f'invalid model config: {e}', file=sys.stderr)
-    sys.exit(2)
+    errors.fail(f'invalid model config: {e}')
   if _JSON.value:
     result = count_params(cfg)
     result['config'] = config_flags.get_config_filename(flags.FLAGS['config'])
@@ -214,4 +193,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  errors.run(main, flags_parser=errors.parse_config_flags)

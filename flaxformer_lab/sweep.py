@@ -23,12 +23,11 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 
-from absl import app
 from absl import flags
 
+from flaxformer_lab import errors
 from flaxformer_lab.sweeps import spec as spec_lib
 from flaxformer_lab.sweeps import state as state_lib
 
@@ -65,9 +64,7 @@ _TPU_SETUP = flags.DEFINE_string('tpu_setup', '', 'Shell command run on every wo
                                  "requirements.txt jax[tpu]').")
 
 
-def fail(message: str, code: int = 2):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
+fail = errors.fail
 
 
 def parse_flags(argv):
@@ -188,7 +185,7 @@ def main(argv):
 
 
 def run():
-  app.run(main, flags_parser=parse_flags)
+  errors.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 
 from flaxformer_lab import checkpoint as ckpt_lib
+from flaxformer_lab import errors
 from flaxformer_lab import evals as evals_lib
 from flaxformer_lab import metrics as metrics_lib
 from flaxformer_lab import optim as optim_lib
@@ -42,22 +44,81 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+class NonFiniteLossError(errors.Diverged):
+  """Training produced a NaN/inf loss, gradient or parameter; nothing non-finite was saved."""
 
 
 # --- validation ------------------------------------------------------------------------------------
+# Loop fields: (name, smallest valid value, what the value means / why the bound).
+LOOP_FIELDS = (
+    ('num_steps', 1, 'optimizer updates'),
+    ('batch_size', 1, 'examples per update'),
+    ('log_every', 1, 'steps between training metric lines'),
+    ('checkpoint_every', 0, 'steps between checkpoints; 0 = only at the end and on preemption'),
+    ('keep_checkpoints', 1, 'checkpoints kept; 0 would keep none and delete the existing ones'),
+    ('stop_at_step', 0, 'stop after this step; 0 = run to num_steps'),
+)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_loop_fields(config: ml_collections.ConfigDict) -> None:
+  for name, low, meaning in LOOP_FIELDS:
+    if name not in config:
+      continue
+    value = config[name]
+    if not _is_int(value) or value < low:
+      raise ConfigError(f'config.{name}={value!r} must be an integer >= {low} ({meaning})')
+
+
+def check_data_source(config: ml_collections.ConfigDict) -> None:
+  """The data set exists and, unless it is synthetic, its raw files have a place to come from:
+  an existing, non-empty `data.manual_dir` (never a silent download)."""
+  from flaxformer_lab.data import sources  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if d.name in sources.SYNTHETIC:
+    return
+  try:
+    sources._builder_spec(d)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise ConfigError(f'config.data.name={d.name!r}: {str(e).splitlines()[0]}') from e
+  manual = str(d.get('manual_dir', '') or '')
+  if d.get('download', False) and not manual:
+    return
+  if not manual:
+    raise ConfigError(
+        f'config.data.manual_dir is empty: point it at the folder of the raw {d.name} files '
+        '(or $FLAXFORMER_DATA), or set config.data.download=True to fetch them from the public '
+        'source')
+  if not os.path.isdir(manual):
+    raise ConfigError(f'config.data.manual_dir={manual!r} is not a directory: point it at the '
+                      f'folder holding the raw {d.name} files')
+  if not os.listdir(manual):
+    raise ConfigError(f'config.data.manual_dir={manual!r} is an empty folder: point it at the '
+                      f'folder holding the raw {d.name} files (nothing is downloaded in its place)')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: Optional[int] = None) -> ModelConfig:
   """Rejects impossible configs before anything compiles; each error says what to change.
 
-  The objective validates its own rules (families, heads, its settings), each evaluation of
-  config.evals its own; the rest (lengths, mesh, batch) is checked here.
+  The one validation pass: the loop fields, the optimizer (optim.validate), the mesh, the data
+  source, the model (ModelConfig), the objective's own rules (families, heads, its settings) and
+  each evaluation of config.evals. Raises ConfigError (one line).
   """
+  check_loop_fields(config)
+  try:
+    optim_lib.validate(config.optim)
+    shard_lib.check_mesh_config(config.mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   model_cfg = ModelConfig.from_dict(config.model)
   objective = get_objective(config)
   objective.validate(config, model_cfg)
   evals_lib.build_evaluators(config, objective, model_cfg)
+  check_data_source(config)
   seq_len = config.data.seq_len
   lengths = [seq_len]
   if model_cfg.family == 'encoder_decoder':
@@ -70,16 +131,16 @@ def validate_config(config: ml_collections.ConfigDict,
           f'{model_cfg.position_offset}) do not fit the {model_cfg.position} position table of '
           f'model.max_len={model_cfg.max_len}: raise model.max_len or lower data.seq_len')
   num_devices = jax.device_count() if num_devices is None else num_devices
-  shape = shard_lib.resolve_mesh_shape(tuple(config.mesh.shape), num_devices)
+  try:
+    shape = shard_lib.resolve_mesh_shape(tuple(config.mesh.shape), num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   batch_shards = shape[0] * shape[1]
   micro = config.optim.grad_accum_steps
   if config.batch_size % (batch_shards * micro * jax.process_count()):
     raise ConfigError(
         f'config.batch_size={config.batch_size} is not divisible by data*fsdp={batch_shards} '
         f'devices x optim.grad_accum_steps={micro} x {jax.process_count()} processes')
-  for name in ('num_steps', 'batch_size'):
-    if config[name] <= 0:
-      raise ConfigError(f'config.{name} must be positive, got {config[name]}')
   return model_cfg
 
 
@@ -246,6 +307,14 @@ def merge_params(target, source, allowed_missing=()):
 
 
 # --- steps -----------------------------------------------------------------------------------------
+def all_finite(tree) -> jax.Array:
+  """1.0 when every floating-point leaf of `tree` is finite, else 0.0 (one fused reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.ones((), jnp.float32)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])).astype(jnp.float32)
+
+
 def make_train_step(config, setup: Setup, objective: Optional[Objective] = None):
   """The compiled update: `step(state, batch)`, or `step(state, batch, frozen)` when the objective
   has frozen models (their parameters are a separate, non-donated argument, never
@@ -272,6 +341,9 @@ def make_train_step(config, setup: Setup, objective: Optional[Objective] = None)
     metrics['lr'] = lr_fn(state['step'])
     metrics['loss'] = loss
     metrics['tokens'] = jnp.sum(batch[objective.tokens_key] != 0).astype(jnp.float32)
+    # Checked on the *updated* state, fetched with the metrics: a step that makes a parameter or
+    # optimizer statistic non-finite (even with a finite loss, e.g. Adam's 0/0) is never saved.
+    metrics['state_finite'] = all_finite((params, opt_state))
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, metrics
 
@@ -334,6 +406,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   ckpt = ckpt_lib.Checkpointer.from_config(workdir, config, meta=_frozen_meta(setup))
   start = ckpt.latest_step()
+  if start is not None and start > config.num_steps:
+    raise ConfigError(f'{ckpt.directory} holds step {start}, past config.num_steps='
+                      f'{config.num_steps}: raise num_steps to continue it, or use a new --workdir')
+  if start is not None and start == config.num_steps:
+    # A finished run: nothing to train or evaluate again, nothing in the run directory changes.
+    _say(f'{workdir} already finished at step {start}: nothing to do (raise config.num_steps '
+         'to train further)')
+    ckpt.close()
+    return {}
   if start is not None:
     _check_frozen_meta(ckpt, start, setup)
     state, data_state = ckpt.restore(start, setup.abstract_state)
@@ -357,11 +438,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = make_train_step(config, setup, objective)
   step_args = (frozen,) if setup.frozen_models else ()
   eval_ctx = evals_lib.EvalContext(config, objective, setup, data, frozen, setup.frozen_shardings)
+  # start_step=0 on a fresh start: records of an earlier attempt that died before its first
+  # checkpoint are dropped, never appended to.
   writer = metrics_lib.MetricWriter(workdir, total_steps=config.num_steps,
-                                    progress=config.progress, start_step=start or None,
-                                    config=config)
+                                    progress=config.progress, start_step=start, config=config)
   fetcher = metrics_lib.AsyncFetcher()
-  guard = ckpt_lib.PreemptionGuard()
+  # Until the first step has compiled, SIGTERM keeps its default action (the process ends at
+  # once: there is nothing new to save, and a compilation can outlast a preemption grace period);
+  # the guard's save-and-stop handler is installed after the first step is dispatched.
+  guard = ckpt_lib.PreemptionGuard(install=False)
   batch_sh = shard_lib.batch_sharding(setup.mesh)
   totals: dict[str, float] = {}
   window_start, window_tokens, last_log = time.time(), 0.0, start
@@ -381,11 +466,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Fetches pushed steps' metrics; logs every `log_every`; stops on a non-finite loss."""
     nonlocal window_start, window_tokens, last_log
     for step_i, m in fetcher.pop():
-      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+      finite_state = m.pop('state_finite') > 0
+      loss_ok = math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])
+      if not (loss_ok and finite_state):
+        what = ('non-finite parameters or optimizer state after the update (loss and gradient '
+                'finite)' if loss_ok else
+                f'non-finite loss ({m["loss"]}) or gradient norm ({m["grad_norm"]})')
+        ckpt.wait_until_finished()
+        last = ckpt.latest_step()
+        kept = (f'the last good checkpoint is step {last} in {ckpt.directory}' if last is not None
+                else 'no checkpoint was saved yet')
         raise NonFiniteLossError(
-            f'non-finite loss ({m["loss"]}) or gradient norm ({m["grad_norm"]}) at step {step_i}; '
-            f'stopped without saving, the last good checkpoint is step {ckpt.latest_step()} in '
-            f'{ckpt.directory}: lower optim.learning_rate or raise warmup')
+            f'{what} at step {step_i}; stopped without saving, {kept}: lower '
+            'optim.learning_rate, raise optim.warmup_steps or optim.eps, or clip gradients')
       for k, v in m.items():
         totals[k] = totals.get(k, 0.0) + v
       window_tokens += m['tokens']
@@ -407,6 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step in range(start + 1, config.num_steps + 1):
         batch = shard_lib.make_global_batch(next(data.train_iter), batch_sh)
         state, metrics = train_step(state, batch, *step_args)
+        if step == start + 1:
+          guard.install()  # compiled: SIGTERM now saves and stops (see above)
         flush_metrics()  # step-1's metrics, fetched after this step was dispatched
         fetcher.push(step, metrics)
         writer.progress(step)

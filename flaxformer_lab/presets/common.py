@@ -73,6 +73,7 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.name = 'tiny_shakespeare'  # tiny_shakespeare | multi30k | sst2 | ag_news | synthetic_copy | ...
   d.manual_dir = default_data_dir()  # where the raw files are read from (no download when present)
+  d.download = False  # with manual_dir '': fetch the raw files from the public source (else an error)
   d.data_dir = os.environ.get('FLAXFORMER_TFDS_DIR', os.path.expanduser('~/tensorflow_datasets'))
   d.tokenizer = 'byte'  # byte | char | sentencepiece | wordpiece (BERT) | bpe (byte-level, RoBERTa)
   d.sp_vocab_size = 8000  # SentencePiece vocabulary size (trained on the training split, cached)

@@ -1,0 +1,278 @@
+"""One error path for every entry point: the project's errors become one `error:` line and a status.
+
+  from flaxformer_lab import errors
+  errors.fail('--workdir is required')            # anywhere below an entry point: bad input
+  errors.run(main, flags_parser=errors.parse_config_flags)   # instead of absl.app.run
+
+Exit statuses: 0 done, 2 bad input (a config field, flag, file or run directory to change; the
+line names it), 3 a diverged run (non-finite loss, gradient or parameters; nothing non-finite was
+saved and the line names the last good checkpoint). Anything else is a bug and keeps its traceback.
+
+What counts as bad input: `fail`, the project's error classes (config, checkpoint, run directory,
+data, run lock, sweep), a ValueError/TypeError/KeyError raised by the project's own code (a
+validation), a file that is missing, unreadable, not UTF-8 or not a directory, and a full or
+read-only disk. After the line, the process leaves with `os._exit` so that libraries' exit-time
+noise (orbax's and asyncio's pending-task tracebacks, absl's handlers) is not printed; every
+checkpoint save has been waited for by then (the train loop's `finally`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+import re
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+BAD_INPUT = 2
+DIVERGED = 3
+
+# Project error classes, by module: looked up only in modules already imported (a module that was
+# never imported raised nothing), so this file imports none of them.
+_PROJECT_ERRORS = (
+    ('flaxformer_lab.models.config', 'ConfigError'),
+    ('flaxformer_lab.checkpoint', 'CheckpointError'),
+    ('flaxformer_lab.rundir', 'RunDirError'),
+    ('flaxformer_lab.data.builders', 'DataError'),
+    ('flaxformer_lab.runlock', 'RunLockedError'),
+    ('flaxformer_lab.sweeps.spec', 'SweepError'),
+)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_DISK_ERRNOS = {errno.ENOSPC: 'no space left on the device',
+                errno.EDQUOT: 'disk quota exceeded',
+                errno.EROFS: 'the file system is read-only'}
+
+
+class Failure(Exception):
+  """Raised by `fail`: a message for the user and an exit status."""
+
+  def __init__(self, message: str, code: int = BAD_INPUT):
+    super().__init__(message)
+    self.code = code
+
+
+class Diverged(RuntimeError):
+  """A run whose loss, gradient or parameters became non-finite (exit status 3)."""
+
+
+def fail(message: str, code: int = BAD_INPUT):
+  """Stops the entry point with `error: <message>` and exit status `code`."""
+  raise Failure(message, code)
+
+
+def _project_classes() -> tuple[type, ...]:
+  out = []
+  for module, name in _PROJECT_ERRORS:
+    cls = getattr(sys.modules.get(module), name, None)
+    if isinstance(cls, type):
+      out.append(cls)
+  return tuple(out)
+
+
+def _raised_by_project(e: BaseException) -> bool:
+  """Whether the innermost frame of `e`'s traceback is in this package (not a library)."""
+  tb = e.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+def one_line(text: str, limit: int = 800) -> str:
+  """`text` on one line (its lines joined with '; '), at most `limit` characters."""
+  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+  out = '; '.join(lines)
+  return out if len(out) <= limit else out[:limit - 3] + '...'
+
+
+def classify(e: BaseException) -> Optional[tuple[int, str]]:
+  """(exit status, one-line message) for an error the user can act on; None for a bug."""
+  if isinstance(e, Failure):
+    return e.code, one_line(str(e))
+  if isinstance(e, Diverged):
+    return DIVERGED, one_line(str(e))
+  if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+    where = f' writing {e.filename}' if e.filename else ''
+    return BAD_INPUT, (f'{_DISK_ERRNOS[e.errno]}{where}: free space or choose a --workdir on '
+                       'another disk (the checkpoints saved so far are intact)')
+  if isinstance(e, _project_classes()):
+    return BAD_INPUT, one_line(str(e))
+  if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                    FileExistsError)):
+    name = f' {e.filename}' if e.filename else ''
+    return BAD_INPUT, one_line(f'{e.strerror or e}:{name}' if e.strerror else str(e))
+  if isinstance(e, UnicodeDecodeError):
+    return BAD_INPUT, one_line(f'a file is not UTF-8 text ({e})')
+  if isinstance(e, (ValueError, TypeError, KeyError)) and _raised_by_project(e):
+    return BAD_INPUT, one_line(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+  return None
+
+
+def report(e: BaseException) -> Optional[int]:
+  """Prints `error: ...` for an error the user can act on and returns its status (None: a bug)."""
+  found = classify(e)
+  if found is None:
+    return None
+  code, message = found
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  return code
+
+
+def call(main: Callable[[list[str]], Any], argv: Sequence[str],
+         flags_parser: Optional[Callable[[list[str]], list[str]]] = None) -> int:
+  """Parses `argv` and runs `main` in this process; returns the exit status (the error line, if
+  any, is on stderr). Tests use it directly; `run` adds absl's start-up and a quiet exit."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    if flags_parser is None:
+      rest = flags.FLAGS(list(argv))
+    else:
+      rest = flags_parser(list(argv))
+    out = main(rest)
+    return int(out or 0)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  except Exception as e:  # pylint: disable=broad-except
+    code = report(e)
+    if code is None:
+      raise
+    return code
+
+
+def quiet_exit(code: int) -> None:
+  """Leaves the process with `code`, skipping libraries' exit-time output when code != 0."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code:
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(0)
+
+
+def run(main: Callable[[list[str]], Any],
+        flags_parser: Optional[Callable[[list[str]], list[str]]] = None) -> None:
+  """`absl.app.run(main)` with the project's error path (see the module docstring)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def parser(argv):
+    try:
+      return flags_parser(argv) if flags_parser else _parse_plain_flags(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      code = report(e)
+      if code is None:
+        raise
+      quiet_exit(code)
+
+  def guarded(argv):
+    try:
+      code = int(main(argv) or 0)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # pylint: disable=broad-except
+      code = report(e)
+      if code is None:
+        raise
+    quiet_exit(code)
+
+  app.run(guarded, flags_parser=parser)
+
+
+def _parse_plain_flags(argv: list[str]) -> list[str]:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(one_line(str(e)))
+
+
+# --- config flags ----------------------------------------------------------------------------------
+def _valid_keys(config, prefix=''):
+  out = []
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    out.append(name)
+    if hasattr(value, 'items'):
+      out.extend(_valid_keys(value, name + '.'))
+  return out
+
+
+def _config_arg(argv: Sequence[str], name: str = 'config') -> Optional[str]:
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith(f'--{name}='):
+      return a.split('=', 1)[1]
+    if a == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config_file(spec_arg: str):
+  """(config or None, one-line problem or None) of `path[:arg]`, loaded as config_flags does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec_arg.partition(':')
+  if not os.path.isfile(path):
+    return None, (f'config file {path!r} does not exist' if not os.path.exists(path) else
+                  f'config {path!r} is not a file')
+  try:
+    spec = importlib.util.spec_from_file_location('_lab_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    return None, f'config file {path} has a syntax error at line {e.lineno}: {e.msg}'
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'config file {path} fails to import: {type(e).__name__}: {one_line(str(e), 300)}'
+  if not hasattr(module, 'get_config'):
+    return None, f'config file {path} defines no get_config(arg)'
+  try:
+    return (module.get_config(arg) if arg else module.get_config()), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'--config={spec_arg}: {one_line(str(e), 400)}'
+
+
+def explain_config_error(error: BaseException, argv: Sequence[str], name: str = 'config') -> str:
+  """One line for a failed `--config=...` / `--config.<key>=...` parse: the file, the variant or
+  argument, or the override key (with the closest valid keys)."""
+  spec_arg = _config_arg(argv, name)
+  if spec_arg is None:
+    return one_line(str(error)) or type(error).__name__
+  config, problem = _load_config_file(spec_arg)
+  if problem:
+    return problem
+  overrides = [a[len(f'--{name}.'):] for a in argv[1:] if a.startswith(f'--{name}.')]
+  valid = _valid_keys(config)
+  for item in overrides:
+    key = item.split('=', 1)[0]
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+      hint = f'; closest valid keys: {", ".join(close)}' if close else ''
+      return f'unknown config key {key!r}{hint}'
+  text = ' '.join(str(error).replace('\\n', ' ').split()) or type(error).__name__
+  m = re.search(r"Could not override key '?([\w.]+)'?", text)
+  culprits = [o for o in overrides if m and o.split('=', 1)[0] == m.group(1)] or [
+      o for o in overrides if '=' in o and o.split('=', 1)[1] and o.split('=', 1)[1] in text]
+  if len(culprits) == 1:
+    key, _, value = culprits[0].partition('=')
+    current = config
+    for part in key.split('.'):
+      current = current[part] if hasattr(current, 'items') and part in current else None
+    kind = f' (expected {type(current).__name__}, like {current!r})' if current is not None else ''
+    return f'config.{key}={value!r} is not a valid value{kind}: {text[:300]}'
+  if overrides and not text.startswith('Unknown command line flag'):
+    return f'a --{name} override is invalid ({", ".join(overrides)}): {text[:300]}'
+  return one_line(text)
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for entry points with a `--config` file flag: every flag or config error
+  becomes one line and exit status 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS['config'].value
+    if config is not None:
+      _ = '_' in config  # config_flags defers a file that failed to load until first access
+    return rest
+  except flags.Error as e:
+    fail(explain_config_error(e.__cause__ or e, argv))
+  except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
+    fail(explain_config_error(e, argv))
