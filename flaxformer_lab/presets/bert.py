@@ -2,7 +2,10 @@ r"""BERT (Devlin et al., 2019): a post-LN encoder with learned positions, segmen
 pooler, pre-trained with masked-LM + next-sentence prediction.
 
 Variants (after the colon): base (default), large, tiny (CPU runs and tests). Add
-`task=classification` to fine-tune on SST-2 instead of pre-training with MLM + NSP:
+`task=classification` to fine-tune on SST-2 instead of pre-training with MLM + NSP.
+Recipes: `pretrain` (the paper's pre-training: BERT-base, WordPiece, static masks with a cap of 20
+predictions, NSP, batch 256, lr 1e-4, 10k warmup, phase 1 of the 1M-step schedule) and
+`pretrain_tiny` (the same recipe CPU-sized on the Austen novels, a few minutes here):
 
   python -m flaxformer_lab.main --config=configs/bert.py:tiny --workdir=/tmp/bert_tiny
   python -m flaxformer_lab.main --config=configs/bert.py:base,task=classification --workdir=...
@@ -22,13 +25,17 @@ VARIANTS = {
     'tiny': dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, mlp_dim=256, max_len=128),
 }
 TASKS = ('mlm', 'classification')
+RECIPES = ('pretrain', 'pretrain_tiny')
 
 
 def get_config(arg=None):
   """The training config of `arg` = `variant[,task=mlm|classification]`."""
   arg = common.parse_arg(arg, variant='base', task='mlm')
+  if arg.variant in RECIPES:
+    return _pretrain(tiny=arg.variant == 'pretrain_tiny')
   if arg.variant not in VARIANTS:
-    raise ValueError(f'unknown bert variant {arg.variant!r}; choose from {", ".join(VARIANTS)}')
+    raise ValueError(f'unknown bert variant {arg.variant!r}; choose from '
+                     f'{", ".join((*VARIANTS, *RECIPES))}')
   if arg.task not in TASKS:
     raise ValueError(f'unknown bert task {arg.task!r}; choose from {", ".join(TASKS)}')
   tiny = arg.variant == 'tiny'
@@ -85,4 +92,54 @@ def get_config(arg=None):
     c.optim.warmup_steps = 50  # 10% of num_steps
     c.batch_size = 16  # CPU-sized batch
     c.num_steps = 500  # a few minutes on 2 cores
+  return c
+
+
+def _pretrain(tiny: bool):
+  """BERT's pre-training recipe (Devlin et al., 2019, section A.2; google-research/bert's
+  create_pretraining_data.py and run_pretraining.py flags)."""
+  c = get_config('tiny' if tiny else 'base')
+  d = c.data
+  d.name = 'austen'  # English prose (the paper: BooksCorpus + English Wikipedia)
+  d.tokenizer = 'wordpiece'  # uncased WordPiece trained on the training split (cached)
+  d.mlm_pairs = 'nsp'  # [CLS] A [SEP] B [SEP]; B from another document half the time (NSP)
+  d.mlm_probability = 0.15  # masked_lm_prob: 15% of the tokens, 80% [MASK] / 10% random / 10% kept
+  d.mlm_masking = 'static'  # masks fixed when the data is written (create_pretraining_data.py)
+  d.mlm_dupe_factor = 10  # dupe_factor: each sequence with 10 different fixed masks
+  d.mlm_max_ngram = 1  # single-token masking
+  d.mlm_inputs = 'doc_sentences'  # segments of one document
+  d.pack = False  # one pair per row ([B, P] gathered predictions)
+  c.optim.name = 'adamw'  # Adam with decoupled weight decay (the released AdamWeightDecay)
+  c.optim.schedule = 'linear'  # linear warmup, then linear decay to 0
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.999  # Adam beta2
+  c.optim.eps = 1e-6  # Adam epsilon
+  c.optim.weight_decay = 0.01  # L2 weight decay
+  c.optim.grad_clip_norm = 1.0  # run_pretraining.py clips the global norm at 1.0
+  if not tiny:
+    d.tokenizer_vocab_size = 30522  # bert-base-uncased's vocabulary size
+    c.model.vocab_size = 30522  # the model's table holds the tokenizer's ids
+    # Phase 1 (90% of the 1M steps) at 128 tokens with max_predictions_per_seq 20; the paper runs
+    # the last 100k steps at 512 tokens with 80 predictions (not reproduced by this preset).
+    d.seq_len = 128  # max_seq_length of phase 1
+    d.max_predictions_per_seq = 20  # max_predictions_per_seq at 128 tokens
+    c.batch_size = 256  # 256 sequences per batch
+    c.optim.learning_rate = 1e-4  # Adam learning rate
+    c.optim.warmup_steps = 10_000  # warmup over the first 10,000 steps
+    c.num_steps = 1_000_000  # the full schedule: 1M steps
+    c.stop_at_step = 900_000  # phase 1 ends at 90% of the steps
+    c.eval_every = 10_000  # steps between evaluations
+    c.checkpoint_every = 10_000  # steps between checkpoints
+  else:
+    d.tokenizer_vocab_size = 2000  # a WordPiece vocabulary the Austen novels fill
+    c.model.vocab_size = 2000  # the model's table holds the tokenizer's ids
+    d.seq_len = 128  # the phase-1 length (the tiny position table holds 128)
+    d.max_predictions_per_seq = 20  # BERT's cap at 128 tokens
+    c.batch_size = 16  # CPU-sized batch
+    c.optim.learning_rate = 1e-3  # a small model from scratch tolerates a large step
+    c.optim.warmup_steps = 30  # 10% of num_steps (the paper: 1%)
+    c.num_steps = 300  # a few minutes on 2 cores
+    c.eval_every = 100  # steps between evaluations
+    c.checkpoint_every = 100  # steps between checkpoints
+    d.eval_batches = 4  # 64 held-out pairs per evaluation
   return c

@@ -2,7 +2,10 @@ r"""RoBERTa (Liu et al., 2019): BERT's post-LN encoder with a byte-level BPE voc
 offset by 2 and counted from padding, one token type, pre-trained with masked-LM only.
 
 Variants (after the colon): base (default), large, tiny (CPU runs and tests). Add
-`task=classification` to fine-tune on SST-2 with RoBERTa's classification head:
+`task=classification` to fine-tune on SST-2 with RoBERTa's classification head.
+Recipes: `pretrain` (the paper's RoBERTa-base pre-training: byte-level BPE, FULL-SENTENCES
+inputs, dynamic masking, no NSP, batch 8K, lr 6e-4, 24k warmup, 500k steps) and `pretrain_tiny`
+(the same recipe CPU-sized on the Austen novels, a few minutes here):
 
   python -m flaxformer_lab.main --config=configs/roberta.py:tiny --workdir=/tmp/roberta_tiny
   python -m flaxformer_lab.summary --config=configs/roberta.py:base
@@ -24,13 +27,17 @@ VARIANTS = {
     'tiny': dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, mlp_dim=256, max_len=130),
 }
 TASKS = ('mlm', 'classification')
+RECIPES = ('pretrain', 'pretrain_tiny')
 
 
 def get_config(arg=None):
   """The training config of `arg` = `variant[,task=mlm|classification]`."""
   arg = common.parse_arg(arg, variant='base', task='mlm')
+  if arg.variant in RECIPES:
+    return _pretrain(tiny=arg.variant == 'pretrain_tiny')
   if arg.variant not in VARIANTS:
-    raise ValueError(f'unknown roberta variant {arg.variant!r}; choose from {", ".join(VARIANTS)}')
+    raise ValueError(f'unknown roberta variant {arg.variant!r}; choose from '
+                     f'{", ".join((*VARIANTS, *RECIPES))}')
   if arg.task not in TASKS:
     raise ValueError(f'unknown roberta task {arg.task!r}; choose from {", ".join(TASKS)}')
   tiny = arg.variant == 'tiny'
@@ -92,4 +99,48 @@ def get_config(arg=None):
     c.optim.warmup_steps = 30  # 6% of num_steps
     c.batch_size = 16  # CPU-sized batch
     c.num_steps = 500  # a few minutes on 2 cores
+  return c
+
+
+def _pretrain(tiny: bool):
+  """RoBERTa's pre-training recipe (Liu et al., 2019: sections 4.1-4.2 and Table 9, base)."""
+  c = get_config('tiny' if tiny else 'base')
+  d = c.data
+  d.name = 'austen'  # English prose (the paper: 160 GB of books, news, web text, stories)
+  d.tokenizer = 'bpe'  # byte-level BPE (GPT-2's scheme) trained on the training split (cached)
+  d.mlm_pairs = ''  # no next-sentence prediction
+  d.mlm_inputs = 'full_sentences'  # FULL-SENTENCES: rows packed across documents, </s> between
+  d.mlm_probability = 0.15  # 15% of the tokens, 80% <mask> / 10% random / 10% kept
+  d.mlm_masking = 'dynamic'  # a new mask every time a sequence is fed to the model
+  d.mlm_max_ngram = 1  # single-token masking
+  d.max_predictions_per_seq = 0  # fairseq's masking has no cap (15% of each row)
+  d.pack = False  # FULL-SENTENCES rows are already full
+  c.optim.name = 'adamw'  # Adam with decoupled weight decay
+  c.optim.schedule = 'linear'  # linear warmup, then linear decay to 0
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.98  # Adam beta2 (more stable with large batches)
+  c.optim.eps = 1e-6  # Adam epsilon
+  c.optim.weight_decay = 0.01  # weight decay
+  c.optim.grad_clip_norm = 0.0  # Table 9: gradient clipping 0.0 (none)
+  if not tiny:
+    d.tokenizer_vocab_size = 50265  # roberta-base's vocabulary size (50K BPE + specials)
+    c.model.vocab_size = 50265  # the model's table holds the tokenizer's ids
+    d.seq_len = 512  # T = 512 tokens
+    c.batch_size = 8192  # 8K sequences per batch
+    c.optim.learning_rate = 6e-4  # peak learning rate (base)
+    c.optim.warmup_steps = 24_000  # warmup steps
+    c.num_steps = 500_000  # max steps
+    c.eval_every = 10_000  # steps between evaluations
+    c.checkpoint_every = 10_000  # steps between checkpoints
+  else:
+    d.tokenizer_vocab_size = 2000  # a byte-level BPE vocabulary the Austen novels fill
+    c.model.vocab_size = 2000  # the model's table holds the tokenizer's ids
+    d.seq_len = 128  # fits the tiny 130-row position table (with the offset of 2)
+    c.batch_size = 16  # CPU-sized batch
+    c.optim.learning_rate = 1e-3  # a small model from scratch tolerates a large step
+    c.optim.warmup_steps = 18  # 6% of num_steps (the paper: 24k of 500k, ~5%)
+    c.num_steps = 300  # a few minutes on 2 cores
+    c.eval_every = 100  # steps between evaluations
+    c.checkpoint_every = 100  # steps between checkpoints
+    d.eval_batches = 4  # 64 held-out rows per evaluation
   return c

@@ -88,6 +88,11 @@ class MaskedLanguageModelling(base.Objective):
     for key, low in (('max_predictions_per_seq', 0), ('mlm_dupe_factor', 1), ('mlm_max_ngram', 1)):
       if int(o[key]) < low:
         raise ConfigError(f'config.data.{key}={o[key]} must be >= {low}')
+    trained = ('sentencepiece', *tok_lib.HF_KINDS)
+    if d.tokenizer in trained and tok_lib.trained_vocab_size(d) > model_cfg.vocab_size:
+      raise ConfigError(f'config.data.tokenizer_vocab_size={tok_lib.trained_vocab_size(d)} (the '
+                        f'{d.tokenizer} tokenizer) exceeds config.model.vocab_size='
+                        f'{model_cfg.vocab_size}')
     if int(o['max_predictions_per_seq']) > int(d.seq_len):
       raise ConfigError(f"config.data.max_predictions_per_seq={o['max_predictions_per_seq']} "
                         f'exceeds config.data.seq_len={d.seq_len}')
