@@ -96,7 +96,10 @@ CACHE_CASES = (
      dict(family='decoder', position='sinusoidal', norm_position='post'),
      dict(family='encoder_decoder', position='learned', norm_position='post'),
      dict(family='encoder_decoder', position='alibi', norm_position='pre'),
-     dict(family='encoder_decoder', position='alibi', norm_position='post')])
+     dict(family='encoder_decoder', position='alibi', norm_position='post'),
+     # a decoder with its own heads and feed-forward width (BART / Marian configs allow it)
+     dict(family='encoder_decoder', position='alibi', norm_position='post', decoder_num_heads=2,
+          decoder_mlp_dim=40)])
 
 
 @pytest.mark.parametrize('kw', CACHE_CASES,

@@ -71,6 +71,16 @@ HF_CONFIGS = {
         vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=2, encoder_attention_heads=H,
         decoder_attention_heads=H, encoder_ffn_dim=F, decoder_ffn_dim=F, max_position_embeddings=P,
         scale_embedding=True),
+    # Stacks of different shapes: the decoder has its own heads and feed-forward width.
+    'bart_asym': lambda: transformers.BartConfig(
+        vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=2, encoder_attention_heads=H,
+        decoder_attention_heads=2, encoder_ffn_dim=F, decoder_ffn_dim=29,
+        max_position_embeddings=P),
+    'marian_asym': lambda: transformers.MarianConfig(
+        vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=L, encoder_attention_heads=2,
+        decoder_attention_heads=H, encoder_ffn_dim=29, decoder_ffn_dim=F,
+        max_position_embeddings=P, pad_token_id=V - 1, decoder_start_token_id=V - 1,
+        eos_token_id=0),
     'marian': lambda: transformers.MarianConfig(
         vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=2, encoder_attention_heads=H,
         decoder_attention_heads=H, encoder_ffn_dim=F, decoder_ffn_dim=F, max_position_embeddings=P,
@@ -93,6 +103,7 @@ CASES = [
     ('t5_v11', 'T5ForConditionalGeneration'),
     ('bart', 'BartModel'), ('bart', 'BartForConditionalGeneration'),
     ('marian', 'MarianModel'), ('marian', 'MarianMTModel'),
+    ('bart_asym', 'BartForConditionalGeneration'), ('marian_asym', 'MarianMTModel'),
 ]
 
 
@@ -104,7 +115,7 @@ def make_hf(kind: str, arch: str, path: str, seed: int = 0):
     tensors = list(model.named_parameters()) + [
         (n, b) for n, b in model.named_buffers() if n.endswith('final_logits_bias')]
     for name, p in tensors:
-      if 'embed_positions' in name and kind == 'marian':
+      if 'embed_positions' in name and kind.startswith('marian'):
         continue  # Marian's sinusoidal tables are fixed (and checked on load)
       p.copy_(torch.randn_like(p) * (0.5 if p.ndim == 1 else 0.3))
   model.save_pretrained(path)

@@ -481,6 +481,10 @@ def test_computation_dtype_bfloat16_keeps_float32_params():
     (dict(position='absolute'), 'position'),
     (dict(family='encoder', head='lm'), 'does not fit'),
     (dict(num_layers=3, share_layers=2), 'do not divide'),
+    (dict(family='decoder', decoder_num_heads=2), 'decoder_num_heads sets the decoder'),
+    (dict(family='encoder_decoder', head='seq2seq_lm', d_model=32, decoder_num_heads=3),
+     'decoder_num_heads=3'),
+    (dict(family='encoder_decoder', head='seq2seq_lm', decoder_mlp_dim=-1), 'decoder_mlp_dim'),
 ])
 def test_impossible_configs_are_rejected(bad, message):
   with pytest.raises(ConfigError, match=message):
@@ -490,3 +494,19 @@ def test_impossible_configs_are_rejected(bad, message):
 def test_unknown_model_key_names_the_closest():
   with pytest.raises(ConfigError, match="did you mean norm_position"):
     ModelConfig.from_dict({'norm_positon': 'pre'})
+
+
+def test_decoder_stack_has_its_own_heads_and_width():
+  """An encoder_decoder's decoder may differ in heads and feed-forward width (BART, Marian); the
+  encoder keeps the base shapes, and cross-attention runs with the decoder's heads."""
+  cfg = tiny(family='encoder_decoder', head='seq2seq_lm', d_model=32, num_heads=4, mlp_dim=48,
+             decoder_num_heads=2, decoder_mlp_dim=40)
+  _, params = init(cfg)
+  enc, dec = params['encoder']['layers'], params['decoder']['layers']
+  assert enc['self_attention']['query_kernel'].shape[-2:] == (4, 8)
+  assert enc['mlp']['wi']['kernel'].shape[-1] == 48
+  assert dec['self_attention']['query_kernel'].shape[-2:] == (2, 16)
+  assert dec['cross_attention']['query_kernel'].shape[-2:] == (2, 16)
+  assert dec['mlp']['wi']['kernel'].shape[-1] == 40
+  assert cfg.decoder_stack.num_heads == 2 and cfg.decoder_stack.hidden_dim == 40
+  assert tiny(family='encoder_decoder', head='seq2seq_lm').decoder_stack.num_heads == 4

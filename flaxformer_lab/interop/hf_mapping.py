@@ -641,6 +641,7 @@ class T5(Family):
         num_decoder_layers=int(hf.get('num_decoder_layers') or n),
         num_heads=int(hf.get('num_heads', 8)), num_kv_heads=0, head_dim=int(hf.get('d_kv', 64)),
         mlp_dim=int(hf.get('d_ff', 2048)),
+        decoder_num_heads=0, decoder_mlp_dim=0,  # T5's stacks share heads and width
         norm_position='pre', norm_type='rmsnorm', norm_use_bias=False, norm_use_scale=True,
         norm_eps=float(hf.get('layer_norm_epsilon', 1e-6)), final_norm=True,
         position='relative_bias', relative_bias_shared=True,
@@ -729,10 +730,10 @@ class Bart(Family):
     return None if self.archs[arch].base else ('lm_head.weight', f'{prefix}shared.weight')
 
   def model_fields(self, hf, arch, tied, pooler=None):
-    if hf.get('encoder_attention_heads', 16) != hf.get('decoder_attention_heads', 16):
-      raise UnsupportedError('encoder_attention_heads != decoder_attention_heads')
-    if hf.get('encoder_ffn_dim', 4096) != hf.get('decoder_ffn_dim', 4096):
-      raise UnsupportedError('encoder_ffn_dim != decoder_ffn_dim')
+    heads = int(hf.get('encoder_attention_heads', 16))
+    ffn = int(hf.get('encoder_ffn_dim', 4096))
+    dec_heads = int(hf.get('decoder_attention_heads', 16))
+    dec_ffn = int(hf.get('decoder_ffn_dim', 4096))
     vocab = int(hf.get('vocab_size', 58101 if self.marian else 50265))
     if self.marian:
       if hf.get('share_encoder_decoder_embeddings', True) is False:
@@ -746,8 +747,10 @@ class Bart(Family):
         family='encoder_decoder', vocab_size=vocab, d_model=int(hf.get('d_model', 1024)),
         num_layers=int(hf.get('encoder_layers', 12)),
         num_decoder_layers=int(hf.get('decoder_layers', 12)),
-        num_heads=int(hf.get('encoder_attention_heads', 16)), num_kv_heads=0, head_dim=0,
-        mlp_dim=int(hf.get('encoder_ffn_dim', 4096)),
+        num_heads=heads, num_kv_heads=0, head_dim=0, mlp_dim=ffn,
+        # The decoder's own heads and width (0: the encoder's).
+        decoder_num_heads=dec_heads if dec_heads != heads else 0,
+        decoder_mlp_dim=dec_ffn if dec_ffn != ffn else 0,
         norm_position='post', norm_type='layernorm', norm_use_bias=True, norm_use_scale=True,
         norm_eps=1e-5, final_norm=False,  # torch LayerNorm's default eps
         position='sinusoidal' if self.marian else 'learned', sinusoidal_layout='concat',
@@ -767,8 +770,9 @@ class Bart(Family):
     out = dict(
         model_type=self.model_types[0], architectures=[arch], vocab_size=cfg.vocab_size,
         d_model=cfg.d_model, encoder_layers=cfg.num_layers, decoder_layers=cfg.decoder_layers,
-        encoder_attention_heads=cfg.num_heads, decoder_attention_heads=cfg.num_heads,
-        encoder_ffn_dim=cfg.hidden_dim, decoder_ffn_dim=cfg.hidden_dim,
+        encoder_attention_heads=cfg.num_heads,
+        decoder_attention_heads=cfg.decoder_stack.num_heads,
+        encoder_ffn_dim=cfg.hidden_dim, decoder_ffn_dim=cfg.decoder_stack.hidden_dim,
         activation_function=_hf_act(cfg.activation, 'activation'), dropout=cfg.dropout_rate,
         attention_dropout=cfg.attention_dropout_rate, activation_dropout=0.0,
         max_position_embeddings=cfg.max_len - (0 if self.marian else 2),

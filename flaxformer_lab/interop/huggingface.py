@@ -162,8 +162,11 @@ def read_hf_config(path: str) -> dict[str, Any]:
   file = os.path.join(path, CONFIG_NAME)
   if not os.path.exists(file):
     raise FileNotFoundError(f'{path} has no {CONFIG_NAME}: is it a Hugging Face checkpoint dir?')
-  with open(file) as f:
-    return json.load(f)
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'{file} is not valid JSON ({e}): is the checkpoint complete?') from e
 
 
 # --- lab parameter trees --------------------------------------------------------------------------
@@ -506,10 +509,12 @@ def _semantic(cfg: ModelConfig, drop: Sequence[str] = ()) -> dict[str, Any]:
   d = cfg.to_dict()
   d.update(final_norm=cfg.use_final_norm, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_width,
            mlp_dim=cfg.hidden_dim, emb_dim=cfg.embed_dim,
-           num_decoder_layers=cfg.decoder_layers if cfg.family == 'encoder_decoder' else 0)
+           num_decoder_layers=cfg.decoder_layers if cfg.family == 'encoder_decoder' else 0,
+           decoder_num_heads=cfg.decoder_stack.num_heads,
+           decoder_mlp_dim=cfg.decoder_stack.hidden_dim)
   unused = list(drop) + ['attention_backend', 'scan_layers', 'remat_policy', 'dtype']
   if cfg.family != 'encoder_decoder':
-    unused.append('share_encoder_decoder_embeddings')
+    unused += ['share_encoder_decoder_embeddings', 'decoder_num_heads', 'decoder_mlp_dim']
   if cfg.position != 'relative_bias':
     unused += ['relative_num_buckets', 'relative_max_distance', 'relative_bias_shared']
   if cfg.position != 'rope':

@@ -41,6 +41,8 @@ class ModelConfig:
   mlp_dim: int = 0  # feed-forward hidden width (0 = 4 * d_model)
   num_layers: int = 2  # layers of the encoder (encoder, encoder_decoder) or decoder (decoder)
   num_decoder_layers: int = 0  # decoder layers of an encoder_decoder (0 = num_layers)
+  decoder_num_heads: int = 0  # query heads of an encoder_decoder's decoder (0 = num_heads; BART)
+  decoder_mlp_dim: int = 0  # feed-forward width of an encoder_decoder's decoder (0 = mlp_dim)
 
   # --- normalization -----------------------------------------------------------------------------
   norm_position: str = 'pre'  # post: norm after each residual add (paper, BERT); pre: at branch start
@@ -128,6 +130,16 @@ class ModelConfig:
     return self.num_decoder_layers or self.num_layers
 
   @property
+  def decoder_stack(self) -> 'ModelConfig':
+    """The config the decoder stack is built from: an encoder_decoder's decoder may have its own
+    number of heads and feed-forward width (BART, Marian); otherwise this config."""
+    if self.family != 'encoder_decoder' or not (self.decoder_num_heads or self.decoder_mlp_dim):
+      return self
+    return dataclasses.replace(self, num_heads=self.decoder_num_heads or self.num_heads,
+                               mlp_dim=self.decoder_mlp_dim or self.hidden_dim,
+                               decoder_num_heads=0, decoder_mlp_dim=0)
+
+  @property
   def embed_dim(self) -> int:
     return self.emb_dim or self.d_model
 
@@ -202,6 +214,22 @@ class ModelConfig:
       raise ConfigError(
           f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; '
           'change one of them or set model.head_dim explicitly')
+    for name in ('decoder_num_heads', 'decoder_mlp_dim'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'model.{name} must be >= 0 (0 = the encoder\'s), got '
+                          f'{getattr(self, name)}')
+      if getattr(self, name) and self.family != 'encoder_decoder':
+        raise ConfigError(f'model.{name} sets the decoder of an encoder_decoder; with '
+                          f'family={self.family!r} set it to 0 (use num_heads / mlp_dim)')
+    if self.decoder_num_heads and not self.head_dim and self.d_model % self.decoder_num_heads:
+      raise ConfigError(
+          f'model.d_model={self.d_model} is not divisible by model.decoder_num_heads='
+          f'{self.decoder_num_heads}; change one of them or set model.head_dim explicitly')
+    if (self.decoder_num_heads and self.num_kv_heads
+        and self.decoder_num_heads % self.num_kv_heads):
+      raise ConfigError(
+          f'model.decoder_num_heads={self.decoder_num_heads} is not a multiple of '
+          f'model.num_kv_heads={self.num_kv_heads}; grouped-query attention needs whole groups')
     if self.num_heads % self.kv_heads:
       raise ConfigError(
           f'model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads='

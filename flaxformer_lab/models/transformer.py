@@ -81,11 +81,13 @@ class Transformer(nn.Module):
     if cfg.family in ('decoder', 'encoder_decoder'):
       n = cfg.num_layers if cfg.family == 'decoder' else cfg.decoder_layers
       self.decoder_embeddings = Embeddings(cfg, dec_tokens, self.deterministic)
-      self.decoder = Stack(cfg, n, causal=True, has_cross=cfg.family == 'encoder_decoder',
+      self.decoder = Stack(cfg.decoder_stack, n, causal=True,
+                           has_cross=cfg.family == 'encoder_decoder',
                            deterministic=self.deterministic, decode=self.decode)
       if cfg.position == 'relative_bias' and cfg.relative_bias_shared:
         self.decoder_relative_bias = RelativePositionBias(
-            cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads, False)
+            cfg.relative_num_buckets, cfg.relative_max_distance, cfg.decoder_stack.num_heads,
+            False)
     if cfg.pooler:
       self.pooler = heads_lib.Pooler(cfg)
     head = cfg.head
@@ -114,7 +116,8 @@ class Transformer(nn.Module):
     if cfg.position == 'relative_bias' and cfg.relative_bias_shared:
       return getattr(self, f'{which}_relative_bias')(q_pos, k_pos)
     if cfg.position == 'alibi':
-      return alibi_bias(cfg.num_heads, q_pos, k_pos, causal)
+      heads = cfg.decoder_stack.num_heads if which == 'decoder' else cfg.num_heads
+      return alibi_bias(heads, q_pos, k_pos, causal)
     return None
 
   def encode(self, input_ids, segment_ids=None, positions=None, token_type_ids=None,

@@ -33,6 +33,8 @@ def get_config(arg=None):
       family='encoder_decoder',  # encoder + causal decoder with cross-attention
       vocab_size=50265,  # GPT-2 byte-level BPE + fairseq specials
       share_encoder_decoder_embeddings=True,  # one `shared` token table
+      decoder_num_heads=0,  # decoder_attention_heads (0 = the encoder's; 12 in bart-base)
+      decoder_mlp_dim=0,  # decoder_ffn_dim (0 = the encoder's encoder_ffn_dim)
       position='learned',  # a learned table per stack
       max_len=1026,  # max_position_embeddings 1024 + the offset of 2
       position_offset=2,  # BartLearnedPositionalEmbedding's offset (ids = index + 2)

@@ -36,6 +36,8 @@ def get_config(arg=None):
       family='encoder_decoder',  # encoder + causal decoder with cross-attention
       vocab_size=58101,  # opus-mt-en-de's shared SentencePiece vocabulary
       share_encoder_decoder_embeddings=True,  # share_encoder_decoder_embeddings=True
+      decoder_num_heads=0,  # decoder_attention_heads (0 = the encoder's; 8 in opus-mt-en-de)
+      decoder_mlp_dim=0,  # decoder_ffn_dim (0 = the encoder's encoder_ffn_dim)
       position='sinusoidal',  # fixed sinusoidal table (computed, not stored)
       sinusoidal_layout='concat',  # sines in the first half, cosines in the second
       max_len=512,  # max_position_embeddings
