@@ -305,9 +305,10 @@ class Checkpointer:
       if isinstance(old, dict) and isinstance(self._config, dict):
         diff = _dict_diff(old.get('model', {}), self._config.get('model', {}), 'model.')
         if diff:
-          hint = '\nThe model config differs: ' + '; '.join(diff[:10])
-    raise CheckpointError(f'checkpoint {self.step_dir(step)} does not match the train state:\n  '
-                          + '\n  '.join(problems[:20]) + hint)
+          hint = (' (the model config differs: ' + '; '.join(diff[:10]) + '; resume with the '
+                  "checkpoint's model config, or use a new workdir)")
+    raise CheckpointError(f'checkpoint {self.step_dir(step)} does not match the train state{hint}:'
+                          '\n  ' + '\n  '.join(problems[:20]))
 
   def restore(self, step: int | None, abstract_state: Any,
               with_data: bool = True) -> tuple[Any, Any]:

@@ -125,6 +125,7 @@ def call(main: Callable[[list[str]], Any], argv: Sequence[str],
   """Parses `argv` and runs `main` in this process; returns the exit status (the error line, if
   any, is on stderr). Tests use it directly; `run` adds absl's start-up and a quiet exit."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  saved_argv, sys.argv = sys.argv, list(argv)  # config_flags finds its overrides in sys.argv
   try:
     if flags_parser is None:
       rest = flags.FLAGS(list(argv))
@@ -139,6 +140,8 @@ def call(main: Callable[[list[str]], Any], argv: Sequence[str],
     if code is None:
       raise
     return code
+  finally:
+    sys.argv = saved_argv
 
 
 def quiet_exit(code: int) -> None:

@@ -125,7 +125,7 @@ def main(argv):
     fail('--workdir is required')
   check_flags()
   if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter off; --verbosity=0 restores it
+    logging.set_verbosity(logging.ERROR)  # orbax/jax INFO/WARNING chatter off; --verbosity=0 restores it
   from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
   config, params, tokenizer = load_run(_WORKDIR.value, _STEP.value)
   family = config.model.family

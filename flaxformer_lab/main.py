@@ -37,7 +37,7 @@ def main(argv):
   if _CONFIG.value is None:
     fail('--config is required (e.g. --config=configs/gpt2.py:tiny)')
   if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO chatter off; --verbosity=0 brings it back
+    logging.set_verbosity(logging.ERROR)  # library INFO/WARNING chatter off; --verbosity=0 brings it back
   sharding.maybe_initialize_distributed()
   from flaxformer_lab import train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

@@ -41,6 +41,23 @@ ENV_NUM_PROCESSES = 'FLAXFORMER_NUM_PROCESSES'
 ENV_PROCESS_ID = 'FLAXFORMER_PROCESS_ID'
 ENV_NUM_CPU_DEVICES = 'FLAXFORMER_NUM_CPU_DEVICES'  # optional: CPU devices per process
 ENV_AUTO_DETECT = 'FLAXFORMER_DISTRIBUTED'  # '1': call jax.distributed.initialize() with no args
+# Seconds without a peer's heartbeat before the survivors stop (jax's default is 100), and seconds
+# to wait for every process at start-up (jax's default 300).
+ENV_HEARTBEAT_TIMEOUT = 'FLAXFORMER_HEARTBEAT_TIMEOUT_S'
+ENV_INIT_TIMEOUT = 'FLAXFORMER_INIT_TIMEOUT_S'
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+
+
+def _timeouts() -> dict[str, int]:
+  out = {'heartbeat_timeout_seconds': DEFAULT_HEARTBEAT_TIMEOUT_S}
+  for env, key in ((ENV_HEARTBEAT_TIMEOUT, 'heartbeat_timeout_seconds'),
+                   (ENV_INIT_TIMEOUT, 'initialization_timeout')):
+    value = os.environ.get(env)
+    if value:
+      if not value.isdigit() or int(value) < 1:
+        raise ValueError(f'${env}={value!r} must be a whole number of seconds >= 1')
+      out[key] = int(value)
+  return out
 
 
 def check_mesh_config(mesh_config) -> None:
@@ -217,6 +234,9 @@ def maybe_initialize_distributed() -> bool:
         an explicit launch (e.g. several processes on one CPU machine). CPU collectives use gloo.
     FLAXFORMER_NUM_CPU_DEVICES=k
         optional, any launch: k CPU devices per process (`jax_num_cpu_devices`).
+    FLAXFORMER_HEARTBEAT_TIMEOUT_S=s (default 30), FLAXFORMER_INIT_TIMEOUT_S=s (jax: 300)
+        optional: a lost peer stops the survivors after s seconds without its heartbeat; every
+        process must have started within the init timeout.
     JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster that JAX
     auto-detects: SLURM, Open MPI, TPU pods), or FLAXFORMER_DISTRIBUTED=1
         `jax.distributed.initialize()` with JAX's own environment/cluster auto-detection.
@@ -240,7 +260,8 @@ def maybe_initialize_distributed() -> bool:
     pid = int(env[ENV_PROCESS_ID])
     logging.info('jax.distributed.initialize(%s, num_processes=%d, process_id=%d)',
                  env[ENV_COORDINATOR], num, pid)
-    jax.distributed.initialize(env[ENV_COORDINATOR], num_processes=num, process_id=pid)
+    jax.distributed.initialize(env[ENV_COORDINATOR], num_processes=num, process_id=pid,
+                               **_timeouts())
     return True
   if env.get('JAX_COORDINATOR_ADDRESS') or env.get(ENV_AUTO_DETECT) == '1':
     if env.get('JAX_NUM_PROCESSES') == '1':
@@ -249,6 +270,7 @@ def maybe_initialize_distributed() -> bool:
     num = env.get('JAX_NUM_PROCESSES')
     pid = env.get('JAX_PROCESS_ID')
     jax.distributed.initialize(
-        num_processes=int(num) if num else None, process_id=int(pid) if pid else None)
+        num_processes=int(num) if num else None, process_id=int(pid) if pid else None,
+        **_timeouts())
     return True
   return False

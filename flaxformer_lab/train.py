@@ -430,6 +430,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   setup.frozen_models)
     if params is not None:
       state = _replace_params(state, params, setup)
+  # The first batch before anything is written: data too small for one batch is a config error
+  # that leaves the run directory as it was.
+  try:
+    first_batch = next(data.train_iter)
+  except StopIteration:
+    raise ConfigError(
+        f'the training data of {config.data.name} (data.manual_dir={config.data.manual_dir!r}) '
+        f'does not fill one batch of {config.batch_size} x {config.data.seq_len} tokens: check '
+        'the data files, or lower config.batch_size / data.seq_len') from None
   # Written once the state exists: a refused resume leaves the run directory as it was.
   run.save_config(config)
   if not run.has_tokenizer():
@@ -498,7 +507,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with shard_lib.use_mesh(setup.mesh, setup.rules):
       for step in range(start + 1, config.num_steps + 1):
-        batch = shard_lib.make_global_batch(next(data.train_iter), batch_sh)
+        host_batch = first_batch if step == start + 1 else next(data.train_iter, None)
+        if host_batch is None:
+          raise ConfigError(f'the training data ran out at step {step}: the data pipeline repeats '
+                            f'its data, so {config.data.name} holds less than one batch')
+        batch = shard_lib.make_global_batch(host_batch, batch_sh)
         state, metrics = train_step(state, batch, *step_args)
         if step == start + 1:
           guard.install()  # compiled: SIGTERM now saves and stops (see above)
