@@ -1,4 +1,6 @@
-r"""Converts a Hugging Face checkpoint directory into a lab run directory.
+r"""Converts between Hugging Face checkpoint directories and lab run directories.
+
+Hugging Face -> lab:
 
   python -m flaxformer_lab.convert --hf_dir=/path/to/bert --workdir=/tmp/bert_lab
   python -m flaxformer_lab.convert --hf_dir=/path/to/bert --workdir=/tmp/bert_sst2 \
@@ -9,13 +11,26 @@ checkpoint's config.json) and an orbax checkpoint of a fresh train state at step
 checkpoint's params (`<workdir>/checkpoints/0`, the layout flaxformer_lab.train restores), plus the
 checkpoint's tokenizer in `<workdir>/hf_tokenizer` when it has one. Evaluate, decode
 (rundir.RunDir(workdir).restore_params()) or keep training in that workdir; or start another run
-from it with
-`--config.init_from=<workdir>`. Fine-tuning straight from the Hugging Face directory needs no
-conversion: `--config.init_from=hf:<dir>`.
+from it with `--config.init_from=<workdir>`. Fine-tuning straight from the Hugging Face directory
+needs no conversion: `--config.init_from=hf:<dir>`.
+
+lab -> Hugging Face (`--to_hf`):
+
+  python -m flaxformer_lab.convert --to_hf --workdir=/tmp/bert_run --hf_dir=/tmp/bert_hf \
+      [--step=N] [--architecture=BertForMaskedLM] [--family=xlmr]
+
+writes the run's parameters (the latest checkpoint, or --step) as `config.json` +
+`model.safetensors` in the Hugging Face layout of its family (`transformers.AutoModel*`
+.from_pretrained opens it), with the class of its head unless --architecture names another. A
+configuration Hugging Face cannot represent is refused with a line naming the field. The tokenizer
+goes along in Hugging Face's format when the run has one (a converted checkpoint's); a lab-trained
+tokenizer is copied into `<hf_dir>/lab_tokenizer/` (lab format). An existing checkpoint in --hf_dir
+is never overwritten.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -34,9 +49,16 @@ HF_TOKENIZER_DIR = 'hf_tokenizer'
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory (config.json + '
                               'model.safetensors or pytorch_model.bin).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Lab run directory to write.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Lab run directory to write (with --to_hf: to '
+                               'read).')
+_TO_HF = flags.DEFINE_bool('to_hf', False, 'Export the lab run in --workdir to --hf_dir in the '
+                           'Hugging Face layout (instead of importing --hf_dir).')
+_STEP = flags.DEFINE_integer('step', None, 'With --to_hf: the checkpoint step (default: latest).')
+_FAMILY = flags.DEFINE_string('family', None, 'With --to_hf: the Hugging Face family to write '
+                              '(default: inferred from the model switches; e.g. xlmr).')
 _ARCH = flags.DEFINE_string('architecture', None, 'Read the checkpoint as this HF class '
-                            '(default: config.json architectures[0]).')
+                            '(default: config.json architectures[0]); with --to_hf: write it as '
+                            'this class (default: the one of the run\'s head).')
 _HEAD = flags.DEFINE_string('head', None, 'Lab head to train (default: the checkpoint\'s); a head '
                             'the checkpoint lacks is freshly initialized.')
 _NUM_LABELS = flags.DEFINE_integer('num_labels', None, 'Classes of a classification head.')
@@ -72,10 +94,53 @@ def convert(hf_dir: str, workdir: str, *, architecture: Optional[str] = None,
   return config, fresh
 
 
+LAB_TOKENIZER_DIR = 'lab_tokenizer'
+_HF_WEIGHT_FILES = (huggingface.CONFIG_NAME, huggingface.SAFE_WEIGHTS, 'pytorch_model.bin')
+
+
+def export(workdir: str, hf_dir: str, *, step: Optional[int] = None,
+           architecture: Optional[str] = None, family: Optional[str] = None) -> str:
+  """Writes lab run `workdir` (checkpoint `step`, default the latest) to `hf_dir` in the Hugging
+  Face layout; returns the architecture written. See the module docstring."""
+  existing = [f for f in _HF_WEIGHT_FILES if os.path.exists(os.path.join(hf_dir, f))]
+  if existing:
+    errors.fail(f'--hf_dir={hf_dir} already holds a checkpoint ({", ".join(existing)}); '
+                'export into a new or empty directory')
+  run = rundir.RunDir(workdir)
+  if not run.has_config():
+    errors.fail(f'--workdir={workdir} is not a lab run directory (no config.json)')
+  config = run.load_config()
+  params = run.restore_params(step)
+  try:
+    huggingface.save((config, params), hf_dir, family=family, architecture=architecture)
+  except (huggingface.UnsupportedError, huggingface.HFCheckpointError, KeyError) as e:
+    errors.fail(f'cannot export {workdir}: {str(e).splitlines()[0]}')
+  hf_tok_dir = os.path.join(workdir, HF_TOKENIZER_DIR)
+  if os.path.isdir(hf_tok_dir):  # a converted checkpoint's own tokenizer, in HF's format
+    from flaxformer_lab.data import tokenizers  # pylint: disable=g-import-not-at-top
+    tokenizers.load_tokenizer(hf_tok_dir).save_hf(hf_dir)
+  elif run.has_tokenizer():
+    tok = run.load_tokenizer()
+    if hasattr(tok, 'save_hf'):
+      tok.save_hf(hf_dir)
+    else:
+      tok.save(os.path.join(hf_dir, LAB_TOKENIZER_DIR))
+  with open(os.path.join(hf_dir, huggingface.CONFIG_NAME)) as f:
+    return json.load(f)['architectures'][0]
+
+
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter off; --verbosity=0 restores it
+  for name in ('hf_dir', 'workdir'):
+    if not flags.FLAGS[name].value:
+      errors.fail(f'--{name} is required')
+  if _TO_HF.value:
+    arch = export(_WORKDIR.value, _HF_DIR.value, step=_STEP.value, architecture=_ARCH.value,
+                  family=_FAMILY.value)
+    print(f'wrote {_HF_DIR.value} ({arch})')
+    return
   overrides = {}
   if _HEAD.value:
     overrides['head'] = _HEAD.value
@@ -87,5 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['hf_dir', 'workdir'])
   errors.run(main)  # bad input (a missing or mismatched checkpoint) -> one line, exit status 2

@@ -384,6 +384,33 @@ def test_convert_writes_a_run_directory_the_trainer_restores(bert_mlm_dir, tmp_p
   assert _leaves_equal(params, jax.device_get(hf.load(bert_mlm_dir).params))
 
 
+
+def test_convert_to_hf_exports_a_run_directory(bert_mlm_dir, tmp_path):
+  """`python -m flaxformer_lab.convert --to_hf` writes a run's checkpoint in the HF layout that
+  transformers opens with the same outputs; an existing checkpoint is never overwritten."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab import convert  # pylint: disable=g-import-not-at-top
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
+  convert.convert(bert_mlm_dir, workdir)
+  cmd = [sys.executable, '-m', 'flaxformer_lab.convert', '--to_hf', f'--workdir={workdir}',
+         f'--hf_dir={out}']
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'BertForMaskedLM' in done.stdout
+  ours, theirs = (load_file(os.path.join(d, 'model.safetensors')) for d in (out, bert_mlm_dir))
+  assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+  kw = inputs(hf.load(out).model_config)
+  original = transformers.BertForMaskedLM.from_pretrained(bert_mlm_dir).eval()
+  exported = transformers.BertForMaskedLM.from_pretrained(out).eval()
+  assert np.max(np.abs(hf_outputs(exported, kw) - hf_outputs(original, kw))) == 0.0
+  before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  lines = again.stderr.strip().splitlines()
+  assert again.returncode == 2 and len(lines) == 1 and 'already holds a checkpoint' in lines[0]
+  assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+
+
 # --- tokenizers ----------------------------------------------------------------------------------
 def test_tokenizer_json_is_loaded_and_wrapped(tmp_path):
   tokenizers = pytest.importorskip('tokenizers')

@@ -47,6 +47,7 @@ import numpy as np
 
 from flaxformer_lab import tasks
 from flaxformer_lab.interop import hf_mapping as mapping
+from flaxformer_lab.data import tokenizers as tok_lib
 from flaxformer_lab.interop.hf_mapping import UnsupportedError
 from flaxformer_lab.presets import common
 from flaxformer_lab.models.config import ModelConfig
@@ -378,6 +379,10 @@ def training_config(fam: mapping.Family, fields: dict[str, Any]) -> ml_collectio
     c.data.seq_len = min(c.data.seq_len, room)
     if c.data.get('target_len'):
       c.data.target_len = min(c.data.target_len, room)
+  # A subword tokenizer the preset would train must fit the checkpoint's vocabulary (the
+  # checkpoint's own tokenizer, when it has one, is saved beside the run by `convert`).
+  if c.data.tokenizer != 'byte' and tok_lib.trained_vocab_size(c.data) > cfg.vocab_size:
+    c.data.tokenizer_vocab_size = cfg.vocab_size
   return c
 
 
