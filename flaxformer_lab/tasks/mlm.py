@@ -147,6 +147,9 @@ class MaskedLanguageModelling(base.Objective):
   def _mask(self, ctx, docs, chunk, rng):
     """A chunk -> a masked example (with a sentence pair when mlm_pairs is on)."""
     cfg, tok, o = ctx.data_config, ctx.tokenizer, _options(ctx.data_config)
+    # grain's shuffled, repeated map hands `tokenize` the index of the read (epoch * N + i):
+    # the document is that index modulo the number of documents.
+    chunk = {**chunk, 'doc': np.int32(int(chunk['doc']) % len(docs))}
     if o['mlm_masking'] == 'static':  # the example's own draws: one of dupe_factor fixed ones
       dupe = int(rng.integers(int(o['mlm_dupe_factor'])))
       rng = np.random.default_rng([int(cfg.shuffle_seed), int(chunk['doc']),
