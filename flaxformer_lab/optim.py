@@ -204,7 +204,8 @@ def make_optimizer(optim_config, num_steps: int) -> tuple[optax.GradientTransfor
 
   AdamW and LAMB use b1, b2, eps. Adafactor uses optax's defaults (factored second moments,
   decay_rate 0.8, update clipping 1.0, parameter-scaled steps: its learning rate is relative to the
-  parameter RMS, T5 style) and the same decoupled decay `lr(step) * weight_decay * param`.
+  parameter RMS, T5 style, unless `adafactor_param_scale` is False: absolute steps) and the same
+  decoupled decay `lr(step) * weight_decay * param`.
   """
   o = optim_config
   validate(o)
@@ -220,7 +221,8 @@ def make_optimizer(optim_config, num_steps: int) -> tuple[optax.GradientTransfor
   else:
     opt = optax.adafactor(
         schedule, weight_decay_rate=(lambda count: wd * schedule(count)) if wd else None,
-        weight_decay_mask=decay_mask)
+        weight_decay_mask=decay_mask,
+        multiply_by_parameter_scale=bool(o.get('adafactor_param_scale', True)))
   parts = []
   if o.grad_clip_norm and o.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(o.grad_clip_norm)))

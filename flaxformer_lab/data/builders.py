@@ -37,6 +37,7 @@ _GUTENBERG = 'https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt'
 AG_NEWS_CLASSES = ('World', 'Sports', 'Business', 'Sci/Tech')  # AG News' own order (labels 1..4)
 SST2_CLASSES = ('negative', 'positive')  # label 0 / 1
 MULTI30K_LANGS = ('en', 'de', 'fr')
+BIBLE_LANGS = ('en', 'es')
 AUSTEN_NOVELS = (  # (file name in the manual dir, Project Gutenberg ebook number)
     ('sense_and_sensibility', 161),
     ('pride_and_prejudice', 1342),
@@ -54,7 +55,8 @@ class DataError(FileNotFoundError):
 class _LabBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Common part: raw files come from `manual_dir`, else from the public URLs.
 
-  Subclasses define `RAW_FILES = {key: (path relative to manual_dir, url)}` and
+  Subclasses define `RAW_FILES = {key: (path relative to manual_dir, url)}` (url '' when the files
+  have no public download: then only a manual dir works) and
   `_raw_splits(paths) -> {split: iterator of (key, example)}`.
   """
 
@@ -81,15 +83,21 @@ class _LabBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for key, (rel, url) in self.RAW_FILES.items():
         path = os.path.join(self._lab_manual_dir, rel)
         if not os.path.isfile(path):
+          fallback = f"or set it to '' to download it from {url}" if url else (
+              'it has no public download (see shared/data/SOURCES.md)')
           raise DataError(
               f'{self.name}: data file {rel!r} not found in manual_dir {self._lab_manual_dir!r} '
-              f'(looked for {path}); point config.data.manual_dir at the folder holding it, or set '
-              f"it to '' to download it from {url}")
+              f'(looked for {path}); point config.data.manual_dir at the folder holding it; '
+              f'{fallback}')
         paths[key] = path
       return paths
     if dl_manager is None:
       raise DataError(f'{self.name}: no manual_dir and no download manager to fetch the raw files')
     urls = {key: url for key, (_, url) in self.RAW_FILES.items()}
+    if not all(urls.values()):
+      raise DataError(f'{self.name}: its raw files have no public download (see '
+                      'shared/data/SOURCES.md); set config.data.manual_dir to the folder holding '
+                      f'{", ".join(rel for rel, _ in self.RAW_FILES.values())}')
     return {key: os.fspath(p) for key, p in dl_manager.download(urls).items()}
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -186,15 +194,46 @@ class Multi30k(_LabBuilder, skip_registration=True):
     )
 
   def _raw_splits(self, paths):
-    return {split: self._pairs(paths, split) for split in self._SPLIT_FILES}
+    return {split: _parallel_lines(paths, split, MULTI30K_LANGS, 'multi30k')
+            for split in self._SPLIT_FILES}
 
-  def _pairs(self, paths, split):
-    columns = {lang: _read_lines(paths[f'{split}.{lang}']) for lang in MULTI30K_LANGS}
-    sizes = {lang: len(lines) for lang, lines in columns.items()}
-    if len(set(sizes.values())) != 1:
-      raise ValueError(f'multi30k {split}: the languages have different line counts {sizes}')
-    for i, texts in enumerate(zip(*columns.values())):
-      yield i, {lang: t.strip() for lang, t in zip(columns, texts)}
+
+class BibleEnEs(_LabBuilder, skip_registration=True):
+  """The verse-aligned English-Spanish Bible (World English Bible / Reina-Valera 1909).
+
+  Line i of X.en.gz translates line i of X.es.gz. Split by book (shared/data/SOURCES.md):
+  train = 64 books (30,281 verses), validation = Ruth (85), test = Mark (678).
+  Features: 'en', 'es' (text). Built from Debian SWORD packages, so there is no download: the
+  files must come from a manual dir.
+  """
+
+  name = 'lab_bible_en_es'
+  _SPLIT_FILES = {'train': 'train', 'validation': 'val', 'test': 'test'}
+  RAW_FILES = {f'{split}.{lang}': (f'bible_en_es/{stem}.{lang}.gz', '')
+               for split, stem in _SPLIT_FILES.items() for lang in BIBLE_LANGS}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='World English Bible / Reina-Valera 1909, verse-aligned, split by book.',
+        features=tfds.features.FeaturesDict({lang: tfds.features.Text() for lang in BIBLE_LANGS}),
+        homepage='https://ebible.org/web/',
+        license='public domain (both translations)',
+    )
+
+  def _raw_splits(self, paths):
+    return {split: _parallel_lines(paths, split, BIBLE_LANGS, 'bible_en_es')
+            for split in self._SPLIT_FILES}
+
+
+def _parallel_lines(paths, split, langs, name):
+  """(i, {lang: line i}) of line-aligned files `paths[f'{split}.{lang}']`."""
+  columns = {lang: _read_lines(paths[f'{split}.{lang}']) for lang in langs}
+  sizes = {lang: len(lines) for lang, lines in columns.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f'{name} {split}: the languages have different line counts {sizes}')
+  for i, texts in enumerate(zip(*columns.values())):
+    yield i, {lang: t.strip() for lang, t in zip(columns, texts)}
 
 
 class Sst2(_LabBuilder, skip_registration=True):
@@ -340,10 +379,16 @@ class Austen(_LabBuilder, skip_registration=True):
 BUILDERS: dict[str, type[_LabBuilder]] = {
     'tiny_shakespeare': TinyShakespeare,
     'multi30k': Multi30k,
+    'bible_en_es': BibleEnEs,
     'sst2': Sst2,
     'ag_news': AgNews,
     'austen': Austen,
 }
+
+
+# The languages (feature names) of each parallel data set.
+PARALLEL_LANGS: dict[str, tuple[str, ...]] = {'multi30k': MULTI30K_LANGS,
+                                              'bible_en_es': BIBLE_LANGS}
 
 
 def get_builder(name: str, *, data_dir: str, manual_dir: str | None = None) -> _LabBuilder:

@@ -157,7 +157,18 @@ class _Pipeline:
       ds = ds.to_iter_dataset(_READ_OPTIONS).batch(self.global_batch_size, drop_remainder=True)
       return self._with_workers(ds.map(self._process_rows))
 
-    docs = grain.MapDataset.source(self.objective.read_documents(self.ctx, self.source, 'train'))
+    streams = self.objective.train_streams(self.source)
+    if streams is None:
+      ds = self._document_batches(
+          self.objective.read_documents(self.ctx, self.source, 'train'), seed)
+    else:  # one batch of each stream in turn (equal proportions: a fixed cycle)
+      ds = grain.IterDataset.mix([self._document_batches(docs, (seed + i) % 2**32)
+                                  for i, docs in enumerate(streams)])
+    return self._with_workers(ds.map(self._process_rows))
+
+  def _document_batches(self, documents, seed: int) -> grain.IterDataset:
+    """Global batches of `documents`: tokenized, shuffled, transformed, packed or padded."""
+    docs = grain.MapDataset.source(documents)
     tokenized = docs.map_with_index(self.tokenize)
     ds = tokenized.shuffle(seed).repeat().to_iter_dataset(_READ_OPTIONS)
     if self.objective.fans_out:
@@ -173,8 +184,7 @@ class _Pipeline:
       ds = ds.map(functools.partial(preprocess.pad_single, lengths=self.lengths,
                                     values=self.pad_values))
     ds = ds.batch(self.global_batch_size, drop_remainder=True)
-    ds = ds.map(self.objective.finalize)
-    return self._with_workers(ds.map(self._process_rows))
+    return ds.map(self.objective.finalize)
 
   @property
   def global_batch_size(self) -> int:

@@ -5,13 +5,18 @@ example dicts (text fields as `str`, labels as `int`), and where trained tokeniz
 Kinds of data set:
   stream   one long text per split (tiny_shakespeare, synthetic_lm), cut into LM windows
   text     one document per example (austen paragraphs)
-  parallel source/target text pairs (multi30k, synthetic_copy, synthetic_reverse)
+  parallel source/target text pairs (multi30k, bible_en_es, synthetic_copy, synthetic_reverse)
   labelled text + class label (sst2, ag_news)
+The `multilingual` data set is of kind text: the monolingual columns `data.corpora` names
+('multi30k.en,bible_en_es.es,...') read as {'text', 'lang'} examples, with training examples drawn
+by language with XLM's exponentiated sampling (`sampling_probabilities`, alpha =
+data.language_alpha); its evaluation splits are the columns one after another.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,6 +25,7 @@ import numpy as np
 from flaxformer_lab.data import builders
 
 SYNTHETIC = ('synthetic_copy', 'synthetic_reverse', 'synthetic_lm')
+MULTILINGUAL = 'multilingual'
 _SYNTHETIC_SEED = 20240917  # fixed: the synthetic data do not change with the shuffle seed
 _ALPHABET = np.array(list('abcdefghijklmnopqrstuvwxyz'))
 
@@ -120,17 +126,22 @@ class Source:
     return self.splits[name]
 
   def texts(self, split: str, fields: Sequence[str]) -> Callable[[], Iterator[str]]:
-    """A factory of the texts of `fields` over a split (for tokenizer training)."""
+    """A factory of the texts of `fields` over a split (for tokenizer training); an endless
+    sampled split gives one epoch's worth of draws (`epoch_size`)."""
     def gen():
-      for example in self.split(split):
+      examples = self.split(split)
+      for i in range(getattr(examples, 'epoch_size', len(examples))):
         for f in fields:
-          yield example[f]
+          yield examples[i][f]
     return gen
 
 
 def _builder_spec(data_config: Any) -> Spec:
-  """The Spec of a TFDS-backed data set."""
+  """The Spec of a TFDS-backed data set (ValueError naming the setting when it cannot be read)."""
   name = data_config.name
+  if name == MULTILINGUAL:
+    multilingual_columns(data_config)  # checks data.corpora
+    return Spec('text', 'text')
   if name == 'tiny_shakespeare':
     return Spec('stream', 'text')
   if name == 'austen':
@@ -139,14 +150,16 @@ def _builder_spec(data_config: Any) -> Spec:
     return Spec('labelled', 'sentence', label_field='label', num_classes=2)
   if name == 'ag_news':
     return Spec('labelled', 'text', label_field='label', num_classes=4)
-  if name == 'multi30k':
+  if name in builders.PARALLEL_LANGS:
+    langs = builders.PARALLEL_LANGS[name]
     for lang in (data_config.source_lang, data_config.target_lang):
-      if lang not in builders.MULTI30K_LANGS:
-        raise ValueError(f'multi30k has languages {builders.MULTI30K_LANGS}, not {lang!r}')
+      if lang not in langs:
+        raise ValueError(f'{name} has languages {langs}, not {lang!r} (config.data.source_lang / '
+                         'target_lang)')
     if data_config.source_lang == data_config.target_lang:
       raise ValueError('config.data.source_lang and target_lang are the same')
     return Spec('parallel', data_config.target_lang, source_field=data_config.source_lang)
-  known = ', '.join(list(builders.BUILDERS) + list(SYNTHETIC))
+  known = ', '.join(list(builders.BUILDERS) + list(SYNTHETIC) + [MULTILINGUAL])
   raise ValueError(f'unknown data set {name!r}; known: {known}')
 
 
@@ -156,6 +169,8 @@ def open_source(data_config: Any) -> Source:
   limit = data_config.get('max_examples', 0)
   if name in SYNTHETIC:
     return _open_synthetic(data_config)
+  if name == MULTILINGUAL:
+    return _open_multilingual(data_config)
   spec = _builder_spec(data_config)
   builder = builders.prepare(name, data_dir=data_config.data_dir,
                              manual_dir=data_config.manual_dir)
@@ -181,3 +196,129 @@ def _open_synthetic(data_config: Any) -> Source:
   splits = {s: SyntheticPairs(n, reverse=reverse, seed=seed, split_id=i, **lens)
             for i, (s, n) in enumerate(sizes.items())}
   return Source(data_config.name, Spec('parallel', 'target', source_field='source'), splits, None)
+
+
+# --- multilingual text -----------------------------------------------------------------------------
+
+
+def sampling_probabilities(counts: Sequence[int], alpha: float) -> np.ndarray:
+  """XLM's language sampling (Lample & Conneau 2019, eq. 1; XLM-R uses alpha = 0.3):
+  q_i = p_i^alpha / sum_j p_j^alpha with p_i = n_i / sum_k n_k (n_i: examples of language i)."""
+  n = np.asarray(counts, np.float64)
+  if n.ndim != 1 or not len(n) or (n <= 0).any():
+    raise ValueError(f'sampling needs a positive example count per language, got {list(counts)}')
+  if not 0.0 < alpha <= 1.0:
+    raise ValueError(f'config.data.language_alpha={alpha} must be in (0, 1]')
+  q = (n / n.sum()) ** alpha
+  return q / q.sum()
+
+
+class _Column(Sequence):
+  """One language column of a parallel split as {'text', 'lang'} examples."""
+
+  def __init__(self, examples: Sequence[dict], field: str, lang: str):
+    self._examples, self._field, self.lang = examples, field, lang
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, index):
+    return {'text': self._examples[index][self._field], 'lang': self.lang}
+
+
+class Concatenation(Sequence):
+  """Sequences one after another (random access)."""
+
+  def __init__(self, parts: Sequence[Sequence[dict]]):
+    self.parts = list(parts)
+    self._ends = np.cumsum([len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    part = int(np.searchsorted(self._ends, index, side='right'))
+    return self.parts[part][index - (int(self._ends[part - 1]) if part else 0)]
+
+
+class LanguageSampledSplit(Sequence):
+  """An endless training split: example k is an independent draw, seeded by (seed, k), of a
+  language i with probability q_i (`sampling_probabilities`) and then of one of its examples
+  uniformly (with replacement, as fairseq's ResamplingDataset for XLM-R).
+
+  `epoch_size` (the number of examples of all languages) bounds what tokenizer training reads.
+  """
+
+  def __init__(self, by_language: dict[str, Sequence[dict]], alpha: float, seed: int):
+    self.languages = tuple(by_language)
+    self._columns = [by_language[lang] for lang in self.languages]
+    self.counts = np.asarray([len(c) for c in self._columns], np.int64)
+    self.probabilities = sampling_probabilities(self.counts, alpha)
+    self._cdf = np.cumsum(self.probabilities)
+    self._seed = seed
+    self.epoch_size = int(self.counts.sum())
+
+  def __len__(self) -> int:
+    return 2**31 - 1  # endless: every read is a fresh draw
+
+  def language_of(self, index: int) -> int:
+    """The language (index into `languages`) example `index` is drawn from."""
+    return self.draw(index)[0]
+
+  def draw(self, index: int) -> tuple[int, int]:
+    rng = np.random.default_rng([self._seed, index])
+    lang = min(int(np.searchsorted(self._cdf, rng.random(), side='right')), len(self._cdf) - 1)
+    return lang, int(rng.integers(self.counts[lang]))
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    lang, i = self.draw(index)
+    return self._columns[lang][i]
+
+
+def multilingual_columns(data_config: Any) -> list[tuple[str, str]]:
+  """(data set, language) of each `data.corpora` entry 'name.lang'; ValueError naming the key."""
+  entries = [e.strip() for e in str(data_config.get('corpora', '')).split(',') if e.strip()]
+  if not entries:
+    raise ValueError("config.data.corpora is empty: name the columns of the multilingual data set, "
+                     "e.g. 'multi30k.en,multi30k.de,bible_en_es.es'")
+  out = []
+  for entry in entries:
+    name, _, lang = entry.partition('.')
+    if name not in builders.PARALLEL_LANGS or lang not in builders.PARALLEL_LANGS[name]:
+      options = ', '.join(f'{n}.{l}' for n, ls in builders.PARALLEL_LANGS.items() for l in ls)
+      raise ValueError(f'config.data.corpora entry {entry!r} is not one of {options}')
+    if (name, lang) in out:
+      raise ValueError(f'config.data.corpora names {entry!r} twice')
+    out.append((name, lang))
+  return out
+
+
+def _open_multilingual(data_config: Any) -> Source:
+  """The `multilingual` data set: monolingual columns of the parallel data sets, by language."""
+  columns = multilingual_columns(data_config)
+  limit = data_config.get('max_examples', 0)
+  opened = {}
+  for name in dict.fromkeys(n for n, _ in columns):
+    builder = builders.prepare(name, data_dir=data_config.data_dir,
+                               manual_dir=data_config.manual_dir)
+    opened[name] = {s: _DecodedSplit(builder.as_data_source(s), limit) for s in builder.info.splits}
+  split_names = [s for s in ('train', 'validation', 'test') if all(s in o for o in opened.values())]
+  by_split = {}
+  for split in split_names:
+    by_language: dict[str, list] = {}
+    for name, lang in columns:
+      by_language.setdefault(lang, []).append(_Column(opened[name][split], lang, lang))
+    by_split[split] = {lang: Concatenation(parts) for lang, parts in by_language.items()}
+  alpha = float(data_config.get('language_alpha', 0.3))
+  splits = {'train': LanguageSampledSplit(by_split['train'], alpha, int(data_config.shuffle_seed))}
+  for split in split_names[1:]:
+    splits[split] = Concatenation(list(by_split[split].values()))
+  # Trained tokenizers depend on the columns, the sampling and the seed.
+  key = hashlib.sha1(f'{columns}|{alpha}|{data_config.shuffle_seed}'.encode()).hexdigest()[:10]
+  cache = os.path.join(os.path.expanduser(data_config.data_dir), 'lab_multilingual', 'tokenizers',
+                       key)
+  return Source(MULTILINGUAL, _builder_spec(data_config), splits, cache)

@@ -97,6 +97,11 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   d.mlm_dupe_factor = 1  # mlm static masking: fixed masks per example, one drawn per read (BERT: 10)
   d.mlm_max_ngram = 1  # mlm: mask spans of n <= this tokens, p(n) ~ 1/n (ALBERT: 3); 1 = single tokens
   d.mlm_inputs = 'doc_sentences'  # mlm: doc_sentences (one document per row) | full_sentences (RoBERTa)
+  d.corpora = ''  # multilingual: monolingual columns '<parallel data set>.<lang>,...' (multi30k.en, ...)
+  d.language_alpha = 0.3  # multilingual: sample language i with q_i ~ (n_i / sum n)^alpha (XLM-R 0.3)
+  d.noise_density = 0.15  # span_corruption: fraction of tokens in noise spans (T5)
+  d.mean_noise_span_length = 3.0  # span_corruption: mean length of a noise span (T5)
+  d.mlm_steps = ''  # xlm: batch kinds in a fixed cycle, 'en,de,en-de' = MLM en, MLM de, TLM en-de
   d.synthetic_train_size = 10_000  # synthetic_*: training examples (synthetic_lm: lines of the stream)
   d.synthetic_eval_size = 500  # synthetic_*: validation and test examples
   d.synthetic_min_len = 2  # synthetic_*: shortest random string
@@ -117,6 +122,9 @@ def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.01  # decoupled weight decay; never applied to norms and biases
   o.grad_clip_norm = 1.0  # clip by global norm (0 = off)
+  # adafactor: step relative to each parameter's RMS (T5, whose init has RMS ~1 embeddings) |
+  # False: absolute steps (Hugging Face's T5 setting scale_parameter=False, relative_step=False)
+  o.adafactor_param_scale = True
   o.grad_accum_steps = 1  # micro-batches accumulated per update
   o.update(overrides)
   return o

@@ -83,6 +83,7 @@ class Objective:
   tokens_key: ClassVar[str] = 'segment_ids'  # batch key whose non-zero entries count as tokens
   fans_out: ClassVar[bool] = False  # tokenize returns a list of elements (flattened)
   encoder_decoder_lengths: ClassVar[bool] = False  # a separate target_len for the decoder
+  language_ids: ClassVar[bool] = False  # batches carry `language_ids` (model.num_languages needs it)
 
   def __init__(self, config: Any = None):
     self.config = config
@@ -97,6 +98,11 @@ class Objective:
     if model_cfg.head not in self.heads:
       raise ConfigError(f'config.task={self.name!r} needs model.head in {self.heads}, got '
                         f'{model_cfg.head!r}')
+    if model_cfg.num_languages and not self.language_ids:
+      raise ConfigError(
+          f'model.num_languages={model_cfg.num_languages} adds language embeddings, but '
+          f'config.task={self.name!r} gives no language_ids: set model.num_languages=0 or use an '
+          'objective that gives them (xlm)')
     smoothing = float(config.get('label_smoothing', 0.0))
     if not 0.0 <= smoothing < 1.0:
       raise ConfigError(f'config.label_smoothing={smoothing} must be in [0, 1)')
@@ -163,6 +169,14 @@ class Objective:
     must see the tokenizer to regroup them (RoBERTa's FULL-SENTENCES rows span documents)."""
     del ctx
     return self.documents(source, split)
+
+  def train_streams(self, source: Any) -> list[Sequence[dict]] | None:
+    """Several training streams (documents each), or None for one, `documents(source, 'train')`.
+    Each stream is tokenized, transformed, packed and batched on its own, and the batches are
+    interleaved in a fixed cycle, one of each stream in turn: every batch is homogeneous (XLM's
+    alternating MLM / TLM steps)."""
+    del source
+    return None
 
   def tokenize(self, ctx: DataContext, index: int, example: dict) -> Any:
     """One example -> a feature dict (or a list of them when `fans_out`)."""
