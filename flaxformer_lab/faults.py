@@ -159,7 +159,7 @@ def one_error_line(stderr: str) -> Optional[str]:
   """The `error:` line when it is the only output (a progress bar redrawn with carriage returns,
   e.g. the first preparation of a data set, counts by what remains on the terminal)."""
   lines = [l.split('\r')[-1] for l in stderr.split('\n')]
-  lines = [l for l in lines if l.strip() and not l.strip().startswith('\x1b[A')]
+  lines = [l for l in lines if l.strip() and not (l.startswith('error: ') is False and '\x1b[' in l)]
   if len(lines) == 1 and lines[0].startswith('error: '):
     return lines[0]
   return None

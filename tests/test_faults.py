@@ -53,6 +53,7 @@ def _check(rows):
   assert not bad, '\n'.join(bad)
 
 
+@pytest.mark.slow  # about 100 s on 2 cores (the data-file cases prepare data sets)
 def test_bad_inputs_without_a_run(tmp_path, tfds_dir):
   """Each config/flag/file case: exit 2, one `error:` line naming it, nothing written."""
   cases = [c for c in faults.BAD_INPUTS if '{run' not in ' '.join(c.args)]
