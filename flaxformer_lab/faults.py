@@ -631,8 +631,9 @@ def poisoned_update(tmp: str, poison_step: int = 3) -> dict[str, Any]:
   last_good = max([s for s in saved if s < poison_step], default=None)
   if saved != ([last_good] if last_good is not None else []):
     problems.append(f'checkpoints {saved}, expected only steps before {poison_step}')
-  if message and f'step {last_good}' not in message:
-    problems.append(f'the message does not name step {last_good}: {message}')
+  named = f'step {last_good}' if last_good is not None else 'no checkpoint was saved yet'
+  if message and named not in message:
+    problems.append(f'the message does not say {named!r}: {message}')
   if not finite:
     problems.append('a saved checkpoint holds a non-finite value')
   return {'ok': not problems, 'why': '; '.join(problems), 'message': message, 'saved': saved}
