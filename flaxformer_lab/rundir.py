@@ -175,6 +175,17 @@ class RunDir:
     return json.loads(path.read_text())
 
 
+def source_tokenizer(source: str):
+  """The tokenizer of a model source: a lab run directory or `hf:<dir>` (a Hugging Face
+  checkpoint); None when it has none."""
+  if source.startswith('hf:'):
+    from flaxformer_lab.interop import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    from flaxformer_lab.interop import huggingface  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.load_hf_tokenizer(source[3:], huggingface.read_hf_config(source[3:]))
+  run = RunDir(source)
+  return run.load_tokenizer() if run.has_tokenizer() else None
+
+
 def fingerprint(params: Any) -> str:
   """A short content hash of a parameter tree: paths, shapes, dtypes and values."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top

@@ -358,11 +358,25 @@ def make_train_step(config, setup: Setup, objective: Optional[Objective] = None)
                  donate_argnums=0)
 
 
+def source_tokenizer(config):
+  """The tokenizer of the run or checkpoint `config.init_from` starts from (the ids its
+  embeddings were trained with), or None when it has none or there is no init_from."""
+  if not config.init_from:
+    return None
+  tok = rundir.source_tokenizer(config.init_from)
+  if tok is not None:
+    _say(f'tokenizer: {tok.kind} ({tok.vocab_size} ids) of init_from {config.init_from}')
+  return tok
+
+
 def _make_data(config, run: rundir.RunDir, objective: Objective):
   """The data pipeline; the tokenizer is the run's own when it has one (resume), else the
   objective's (a teacher's), else trained/loaded from the data cache."""
   from flaxformer_lab import data as data_lib  # pylint: disable=g-import-not-at-top
-  tokenizer = run.load_tokenizer() if run.has_tokenizer() else objective.tokenizer(config)
+  if run.has_tokenizer():
+    tokenizer = run.load_tokenizer()
+  else:
+    tokenizer = objective.tokenizer(config) or source_tokenizer(config)
   if tokenizer is None and jax.process_count() > 1:
     if jax.process_index() == 0:
       data_lib.prepare(config)

@@ -202,6 +202,7 @@ def test_fine_tuning_drops_the_pretraining_head(tmp_path, monkeypatch):
   pre.model.update(d_model=32, num_heads=2, mlp_dim=64)
   pre.data.seq_len, pre.batch_size, pre.data.eval_batches = 32, 8, 1
   pre.num_steps, pre.eval_every, pre.checkpoint_every, pre.progress = 2, 0, 2, 'off'
+  pre.data.tokenizer = 'char'  # trained on Austen: the fine-tuning run must reuse it
   train.train_and_evaluate(pre, str(tmp_path / 'pre'))
   from flaxformer_lab.presets import bert  # pylint: disable=g-import-not-at-top
   ft = bert.get_config('tiny,task=classification')
@@ -215,3 +216,10 @@ def test_fine_tuning_drops_the_pretraining_head(tmp_path, monkeypatch):
   got = jax.device_get(state['params'])
   assert np.array_equal(got['tokens']['embedding'], src['tokens']['embedding'])
   assert 'mlm_head' not in got and 'classifier' in got
+  # The fine-tuning run reads its text with the source's tokenizer (the ids of its embeddings),
+  # not the byte tokenizer its preset names.
+  train.train_and_evaluate(ft, str(tmp_path / 'ft'))
+  tok, src_tok = (rundir.RunDir(str(tmp_path / d)).load_tokenizer() for d in ('ft', 'pre'))
+  assert tok.kind == src_tok.kind == 'char'
+  text = 'a gripping , funny movie .'
+  assert tok.encode(text) == src_tok.encode(text)

@@ -146,14 +146,8 @@ class Distillation(MaskedLanguageModelling):
     return {'teacher': base.FrozenModel(cfg, params, teacher, rundir.fingerprint(params))}
 
   def tokenizer(self, config):
-    teacher = _teacher_source(config)
-    if teacher.startswith('hf:'):
-      from flaxformer_lab.interop import hf_tokenizer  # pylint: disable=g-import-not-at-top
-      from flaxformer_lab.interop import huggingface  # pylint: disable=g-import-not-at-top
-      return hf_tokenizer.load_hf_tokenizer(teacher[3:], huggingface.read_hf_config(teacher[3:]))
     from flaxformer_lab import rundir  # pylint: disable=g-import-not-at-top
-    run = rundir.RunDir(teacher)
-    return run.load_tokenizer() if run.has_tokenizer() else None
+    return rundir.source_tokenizer(_teacher_source(config))
 
   def initialize(self, config, host_params, frozen_models):
     if config.distill.student_init == 'none':
