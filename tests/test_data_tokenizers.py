@@ -129,3 +129,39 @@ def test_sentencepiece_pickles():
       ['a b c d e f g h i j k l m n o p'] * 50, vocab_size=300)
   again = pickle.loads(pickle.dumps(tok))
   assert again.encode('a b c') == tok.encode('a b c')
+
+
+@pytest.mark.parametrize('kind,first_specials', [
+    ('wordpiece', ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']),
+    ('bpe', ['<s>', '<pad>', '</s>', '<unk>', '<mask>'])])
+def test_wordpiece_and_bpe_train_cache_and_pickle(tmp_path, monkeypatch, kind, first_specials):
+  import pickle
+  lines = _multi30k_lines('en', 1500)
+  cfg = data_config(tokenizer=kind, tokenizer_vocab_size=700)
+  calls = []
+  train = tok_lib.train_hf_tokenizer
+  monkeypatch.setattr(tok_lib, 'train_hf_tokenizer',
+                      lambda *a, **k: calls.append(1) or train(*a, **k))
+  tok = tok_lib.get_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=lambda: iter(lines))
+  assert tok.vocab_size == 700 and calls == [1]
+  assert all(tok.decode([i]) == '' for i in tok.special_ids if i != tok.unk_id)  # dropped
+  pieces = [tok._tok.id_to_token(i) for i in range(5)]  # pylint: disable=protected-access
+  assert pieces == first_specials
+  assert tok.pad_id == pieces.index('[PAD]' if kind == 'wordpiece' else '<pad>')
+  assert (tok.cls_id, tok.sep_id) == ((2, 3) if kind == 'wordpiece' else (0, 2))
+  again = tok_lib.get_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=None)
+  assert calls == [1]  # loaded from tmp_path/<kind>_700_text, not retrained
+  assert os.path.isdir(tmp_path / f'{kind}_700_text')
+  sample = lines[0] + ' [MASK] <s>'
+  assert again.encode(sample) == tok.encode(sample)
+  assert pickle.loads(pickle.dumps(tok)).encode(sample) == tok.encode(sample)
+  ids = tok.encode(lines[1])
+  assert len(ids) < len(lines[1]) / 2  # pieces, not characters
+  if kind == 'bpe':
+    assert tok.decode(tok.encode(SAMPLES[2])) == SAMPLES[2]  # byte-level: any text
+  with pytest.raises(ValueError, match='too small'):
+    tok_lib.train_hf_tokenizer(lines, kind=kind, vocab_size=100)
+  # An older config without tokenizer_vocab_size reads sp_vocab_size.
+  old = data_config(tokenizer=kind, sp_vocab_size=650)
+  del old['tokenizer_vocab_size']
+  assert tok_lib.cache_name(old, ('text',)) == f'{kind}_650_text'
