@@ -220,7 +220,9 @@ def ngram_spans(candidates: np.ndarray, n_select: int, rng: np.random.Generator,
   As ALBERT's create_pretraining_data: the start candidates are visited in random order; a span
   covers consecutive positions only (n is drawn among the lengths that fit before a gap, e.g. a
   [SEP], with the 1/n weights renormalized); when it would exceed `n_select` it is shortened, and
-  one that overlaps a chosen span is skipped.
+  one that overlaps a chosen span is skipped. (The released code, with its default
+  favor_shorter_ngram, reverses the weights; this follows the paper's p(n) ~ 1/n. Spans are of
+  tokens, not of whole words as there.)
   """
   m = len(candidates)
   # run[i]: consecutive positions from candidate i on (capped at max_ngram).
