@@ -184,6 +184,22 @@ def test_xlm_batches_cycle_through_the_steps(data_dir):
 
 
 @needs_data
+def test_xlm_stream_resumes_exactly(data_dir):
+  c = _config('xlm', data_dir, max_examples=400)
+  first = pipeline.make_datasets(c)
+  for _ in range(4):  # mid-cycle
+    next(first.train_iter)
+  state = json.loads(json.dumps(first.train_iter.get_state()))
+  expected = [next(first.train_iter) for _ in range(4)]
+  restored = pipeline.make_datasets(c)
+  restored.train_iter.set_state(state)
+  for want in expected:
+    got = next(restored.train_iter)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+@needs_data
 def test_language_embeddings_need_language_ids(data_dir):
   c = _config('xlmr', data_dir)
   c.model.num_languages = 2
