@@ -161,9 +161,13 @@ def test_tlm_positions_restart_and_languages_follow_each_side():
 
 
 @needs_data
-def test_xlm_batches_cycle_through_the_steps(data_dir):
-  c = _config('xlm', data_dir, max_examples=400)
+@pytest.mark.parametrize('data', ['multi30k', 'bible_en_es'])
+def test_xlm_batches_cycle_through_the_steps(data, data_dir):
+  c = xlm_preset.get_config(f'pretrain_tiny,data={data}')
+  c.data.update(data_dir=data_dir, max_examples=400)
   train.validate_config(c)
+  ids = {lang: i for i, lang in enumerate(xlm_task.languages(c.data))}
+  first, second = c.data.mlm_steps.split(',')[:2]
   bundle = pipeline.make_datasets(c)
   kinds = []
   for _ in range(6):
@@ -178,8 +182,9 @@ def test_xlm_batches_cycle_through_the_steps(data_dir):
         changes = np.flatnonzero(np.diff(langs)) + 1
         np.testing.assert_array_equal(starts[1:], changes)  # positions restart where it changes
         assert len(starts) == (2 if len(kinds[-1]) == 2 else 1)
-  # en (id 1), de (id 0), en-de, in a fixed cycle, every batch homogeneous.
-  assert kinds == [(1,), (0,), (0, 1)] * 2
+  # en, de (or es), en-de, in a fixed cycle, every batch homogeneous.
+  assert kinds == [(ids[first],), (ids[second],), (0, 1)] * 2
+  assert ids == ({'de': 0, 'en': 1} if data == 'multi30k' else {'en': 0, 'es': 1})  # lang2id
   assert (b['weights'] * (b['inputs'] != b['targets'])).sum() > 0  # masked
 
 
@@ -212,6 +217,29 @@ def test_language_embeddings_need_language_ids(data_dir):
   x.model.num_languages, x.data.mlm_steps = 2, 'en,fr'
   with pytest.raises(ConfigError, match='mlm_steps'):
     train.validate_config(x)
+
+
+@needs_data
+def test_span_corruption_config_errors(data_dir):
+  c = _config('t5', data_dir)
+  c.data.target_len = 20
+  with pytest.raises(ConfigError, match='config.data.target_len=20'):
+    train.validate_config(c)
+  c.data.target_len, c.data.noise_density = 0, 1.5
+  with pytest.raises(ConfigError, match='config.data.noise_density'):
+    train.validate_config(c)
+  # A 141-token piece has 7 noise spans; 268 leaves 5 ids above the byte tokenizer's 263.
+  c.data.noise_density, c.model.vocab_size = 0.15, 268
+
+  class Bundle:
+    tokenizer = tok_lib.ByteTokenizer()
+
+  with pytest.raises(ConfigError, match='config.model.vocab_size=268'):
+    tasks_base.get_objective(c).check_bundle(c, Bundle())
+  r = _config('xlmr', data_dir)
+  r.data.language_alpha = 0.0
+  with pytest.raises(ConfigError, match='language_alpha'):
+    train.validate_config(r)
 
 
 # --- XLM-R: multilingual data and language sampling ------------------------------------------------

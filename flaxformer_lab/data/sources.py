@@ -141,6 +141,9 @@ def _builder_spec(data_config: Any) -> Spec:
   name = data_config.name
   if name == MULTILINGUAL:
     multilingual_columns(data_config)  # checks data.corpora
+    alpha = float(data_config.get('language_alpha', 0.3))
+    if not 0.0 < alpha <= 1.0:
+      raise ValueError(f'config.data.language_alpha={alpha} must be in (0, 1] (1 = sample by size)')
     return Spec('text', 'text')
   if name == 'tiny_shakespeare':
     return Spec('stream', 'text')
