@@ -105,6 +105,24 @@ def test_classification_task_variants(family):
     assert (c.task, c.data.name, cfg.head) == ('classification', 'sst2', 'classification')
   with pytest.raises(ValueError, match='task'):
     get_config(family, 'tiny,task=lm')
+  # AG News carries its own evaluation split (it has no validation split) and four labels.
+  c = get_config(family, 'tiny,task=classification,data=ag_news')
+  assert (c.data.name, c.data.eval_split, c.model.num_labels) == ('ag_news', 'test', 4)
+  with pytest.raises(ValueError, match='ag_news'):
+    get_config(family, 'tiny,task=classification,data=imdb')
+
+
+def test_ag_news_preset_reads_its_splits_and_four_labels(tmp_path, monkeypatch):
+  """The AG News config needs no override: its evaluation split exists and its labels fit."""
+  monkeypatch.setenv('FLAXFORMER_TFDS_DIR', str(tmp_path / 'tfds'))
+  from flaxformer_lab import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = get_config('bert', 'tiny,task=classification,data=ag_news')
+  c.data.data_dir = str(tmp_path / 'tfds')
+  c.batch_size, c.data.eval_batches = 64, 4
+  bundle = data_lib.make_datasets(c)
+  assert bundle.num_classes == c.model.num_labels == 4
+  labels = np.concatenate([b['label'][b['weights'] > 0] for b in bundle.eval_batches()])
+  assert set(np.unique(labels)) == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize('family', sorted(VARIANTS))

@@ -31,8 +31,8 @@ RECIPES = ('pretrain', 'pretrain_tiny')
 
 
 def get_config(arg=None):
-  """The training config of `arg` = `variant[,task=mlm|classification]`."""
-  arg = common.parse_arg(arg, variant='base', task='mlm')
+  """The training config of `arg` = `variant[,task=mlm|classification][,data=sst2|ag_news]`."""
+  arg = common.parse_arg(arg, variant='base', task='mlm', data='sst2')
   if arg.variant in RECIPES:
     return _pretrain(tiny=arg.variant == 'pretrain_tiny')
   if arg.variant not in VARIANTS:
@@ -80,7 +80,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.01  # LAMB weight decay
   else:
     c.task = 'classification'  # sentence classification
-    c.data.name = 'sst2'  # binary sentiment
+    common.classification_data(c, arg.data)  # data=sst2 (default) | ag_news, its split, labels
     c.data.seq_len = 128  # sentences are short
     c.data.pack = False  # one sentence per row
     c.optim.name = 'adamw'  # the paper fine-tunes with Adam

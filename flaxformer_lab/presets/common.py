@@ -110,6 +110,24 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   return d
 
 
+# Fine-tuning data sets of the classification presets: name -> (evaluation split, classes).
+CLASSIFICATION_DATA = {
+    'sst2': ('validation', 2),  # binary sentiment; 'test' is GLUE's SST-2 dev set
+    'ag_news': ('test', 4),  # four news topics; the alps subset has no validation split
+}
+
+
+def classification_data(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Points classification config `c` at data set `name`: its evaluation split and its number of
+  labels (the head's num_labels) come with it."""
+  if name not in CLASSIFICATION_DATA:
+    raise ValueError(f'unknown classification data set {name!r}; choose from '
+                     f'{", ".join(CLASSIFICATION_DATA)}')
+  c.data.name = name
+  c.data.eval_split, c.model.num_labels = CLASSIFICATION_DATA[name]
+  return c
+
+
 def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
   o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | adafactor | lamb

@@ -28,13 +28,13 @@ DISTILL_VARIANTS = ('distill', 'distill_tiny', 'teacher_tiny', 'student_tiny')
 
 
 def get_config(arg=None):
-  """The training config of `arg` = `variant[,task=mlm|classification]`.
+  """The training config of `arg` = `variant[,task=mlm|classification][,data=sst2|ag_news]`.
 
   Distillation: `distill` (the paper's recipe; set config.distill.teacher), `distill_tiny` (CPU:
   a 2-layer student of `teacher_tiny`, a 4-layer tiny BERT MLM on the Austen novels) and
   `student_tiny` (the same student trained from scratch with MLM alone, the baseline).
   """
-  arg = common.parse_arg(arg, variant='base', task='mlm')
+  arg = common.parse_arg(arg, variant='base', task='mlm', data='sst2')
   if arg.variant in ('distill', 'distill_tiny'):
     return _distill(arg)
   if arg.variant == 'teacher_tiny':
@@ -82,7 +82,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0  # the released training script's
   else:
     c.task = 'classification'  # sentence classification
-    c.data.name = 'sst2'  # binary sentiment
+    common.classification_data(c, arg.data)  # data=sst2 (default) | ag_news, its split, labels
     c.data.seq_len = 128  # sentences are short
     c.data.pack = False  # one sentence per row
     c.optim.learning_rate = 5e-5  # a common fine-tuning rate

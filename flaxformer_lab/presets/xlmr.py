@@ -37,8 +37,8 @@ TASKS = ('mlm', 'classification')
 
 
 def get_config(arg=None):
-  """The training config of `arg` = `variant[,task=mlm|classification]`."""
-  arg = common.parse_arg(arg, variant='base', task='mlm')
+  """The training config of `arg` = `variant[,task=mlm|classification][,data=sst2|ag_news]`."""
+  arg = common.parse_arg(arg, variant='base', task='mlm', data='sst2')
   if arg.variant not in VARIANTS:
     raise ValueError(f'unknown xlmr variant {arg.variant!r}; choose from {", ".join(VARIANTS)}')
   if arg.task not in TASKS:
@@ -85,7 +85,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.01  # RoBERTa's
   else:
     c.task = 'classification'  # sentence classification
-    c.data.name = 'sst2'  # binary sentiment
+    common.classification_data(c, arg.data)  # data=sst2 (default) | ag_news, its split, labels
     c.data.seq_len = 128  # sentences are short
     c.data.pack = False  # one sentence per row
     c.optim.learning_rate = 1e-5  # fine-tuning
