@@ -281,6 +281,11 @@ class LanguageSampledSplit(Sequence):
     lang, i = self.draw(index)
     return self._columns[lang][i]
 
+  def __iter__(self):
+    raise TypeError('the multilingual training split is an endless sample read by index; what '
+                    'must read a whole split (data.mlm_inputs=full_sentences) cannot use it: set '
+                    "config.data.mlm_inputs='doc_sentences'")
+
 
 def multilingual_columns(data_config: Any) -> list[tuple[str, str]]:
   """(data set, language) of each `data.corpora` entry 'name.lang'; ValueError naming the key."""
