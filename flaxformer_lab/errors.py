@@ -6,7 +6,9 @@
 
 Exit statuses: 0 done, 2 bad input (a config field, flag, file or run directory to change; the
 line names it), 3 a diverged run (non-finite loss, gradient or parameters; nothing non-finite was
-saved and the line names the last good checkpoint). Anything else is a bug and keeps its traceback.
+saved and the line names the last good checkpoint), 4 a lost peer (a multi-process run whose
+process died: the line names it; rerun to resume, see sharding.PeerWatchdog). Anything else is a
+bug and keeps its traceback.
 
 What counts as bad input: `fail`, the project's error classes (config, checkpoint, run directory,
 data, run lock, sweep), a ValueError/TypeError/KeyError raised by the project's own code (a
@@ -27,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 BAD_INPUT = 2
 DIVERGED = 3
+PEER_LOST = 4
 
 # Project error classes, by module: looked up only in modules already imported (a module that was
 # never imported raised nothing), so this file imports none of them.
@@ -37,6 +40,8 @@ _PROJECT_ERRORS = (
     ('flaxformer_lab.data.builders', 'DataError'),
     ('flaxformer_lab.runlock', 'RunLockedError'),
     ('flaxformer_lab.sweeps.spec', 'SweepError'),
+    ('flaxformer_lab.interop.huggingface', 'HFCheckpointError'),
+    ('flaxformer_lab.interop.hf_mapping', 'UnsupportedError'),
 )
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _DISK_ERRNOS = {errno.ENOSPC: 'no space left on the device',
@@ -110,10 +115,22 @@ def classify(e: BaseException) -> Optional[tuple[int, str]]:
   return None
 
 
+def _lost_peer_verdict() -> Optional[str]:
+  """In a multi-process run, an error the main thread cannot explain (e.g. a collective that
+  failed because a peer died) waits for the peer watchdog's verdict: when it names a lost peer,
+  it prints that one line and ends the process (it never returns then)."""
+  sharding = sys.modules.get('flaxformer_lab.sharding')
+  watchdog = sharding.peer_watchdog() if sharding is not None else None
+  if watchdog is None:
+    return None
+  return watchdog.wait_for_verdict(watchdog.timeout + 2 * watchdog.interval + 1)
+
+
 def report(e: BaseException) -> Optional[int]:
   """Prints `error: ...` for an error the user can act on and returns its status (None: a bug)."""
   found = classify(e)
   if found is None:
+    _lost_peer_verdict()
     return None
   code, message = found
   print(f'error: {message}', file=sys.stderr, flush=True)
@@ -145,9 +162,14 @@ def call(main: Callable[[list[str]], Any], argv: Sequence[str],
 
 
 def quiet_exit(code: int) -> None:
-  """Leaves the process with `code`, skipping libraries' exit-time output when code != 0."""
+  """Leaves the process with `code`, skipping libraries' exit-time output when code != 0 (the
+  peers of a multi-process run are told first, so they stop rather than wait for this one)."""
   sys.stdout.flush()
   sys.stderr.flush()
+  sharding = sys.modules.get('flaxformer_lab.sharding')
+  watchdog = sharding.peer_watchdog() if sharding is not None else None
+  if watchdog is not None:
+    watchdog.announce_exit(code)
   if code:
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(0)

@@ -261,11 +261,11 @@ BAD_INPUTS: list[Case] = [
          ('afile', 'not a directory'), prepare='a_file', watch='{tmp}/afile'),
     # data files
     _c('data file not UTF-8', 'data.manual_dir={tmp}/latin1', 'data.data_dir={tmp}/tfds_l1',
-       expect=['UTF-8'], prepare='latin1_data'),
+       expect=['latin1/tinyshakespeare/input.txt', 'not UTF-8'], prepare='latin1_data'),
     _c('data file gzipped', 'data.manual_dir={tmp}/gz', 'data.data_dir={tmp}/tfds_gz',
-       expect=['UTF-8'], prepare='gzip_data'),
+       expect=['gz/tinyshakespeare/input.txt', 'gzip'], prepare='gzip_data'),
     _c('data file empty', 'data.manual_dir={tmp}/emptyfile', 'data.data_dir={tmp}/tfds_e',
-       expect=['one batch'], prepare='empty_data'),
+       expect=['emptyfile/tinyshakespeare/input.txt', 'empty'], prepare='empty_data'),
     _c('data file too small for one batch', 'data.manual_dir={tmp}/small',
        'data.data_dir={tmp}/tfds_s', expect=['one batch'], prepare='small_data'),
     # resuming a run the wrong way
@@ -319,6 +319,20 @@ BAD_INPUTS: list[Case] = [
          ('nohf',)),
     Case('convert: corrupt config.json', 'convert', ['--hf_dir={tmp}/badhf', '--workdir={fresh}'],
          ('config.json', 'not valid JSON'), prepare='bad_hf'),
+    Case('convert: garbage weights file', 'convert',
+         ['--hf_dir={tmp}/hf_garbage', '--workdir={fresh}'],
+         ('hf_garbage/model.safetensors', 'corrupt'), prepare='hf_garbage'),
+    Case('convert: truncated weights file', 'convert',
+         ['--hf_dir={tmp}/hf_truncated', '--workdir={fresh}'],
+         ('hf_truncated/model.safetensors', 'corrupt'), prepare='hf_truncated'),
+    Case('init_from=hf: garbage weights file', 'main',
+         ['--workdir={fresh}', '--config=configs/bert.py:tiny,task=classification',
+          '--config.init_from=hf:{tmp}/hf_garbage'],
+         ('hf_garbage/model.safetensors', 'corrupt'), prepare='hf_garbage'),
+    Case('init_from=hf: truncated weights file', 'main',
+         ['--workdir={fresh}', '--config=configs/bert.py:tiny,task=classification',
+          '--config.init_from=hf:{tmp}/hf_truncated'],
+         ('hf_truncated/model.safetensors', 'corrupt'), prepare='hf_truncated'),
     # sweep
     Case('sweep: missing sweep file', 'sweep', ['--sweep={tmp}/nope.py', '--workdir={fresh}'],
          ('nope.py',)),
@@ -376,6 +390,26 @@ def _prepare(kind: str, tmp: str, places: dict[str, str]) -> None:
     run = copy_run('run_badcfg')
     with open(os.path.join(run, 'config.json'), 'w') as f:
       f.write('{"model": ')
+  elif kind in ('hf_garbage', 'hf_truncated'):
+    # A BERT checkpoint of configs/bert.py:tiny's shape whose weights file is damaged.
+    d = os.path.join(tmp, kind)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+      json.dump({'architectures': ['BertForMaskedLM'], 'model_type': 'bert', 'vocab_size': 512,
+                 'hidden_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4,
+                 'intermediate_size': 256, 'max_position_embeddings': 128,
+                 'type_vocab_size': 2, 'hidden_act': 'gelu', 'layer_norm_eps': 1e-12}, f)
+    weights = os.path.join(d, 'model.safetensors')
+    if kind == 'hf_garbage':
+      with open(weights, 'wb') as f:
+        f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{garbage: not a header')
+    else:
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+      save_file({'bert.embeddings.word_embeddings.weight': np.zeros((512, 64), np.float32)},
+                weights)
+      with open(weights, 'r+b') as f:
+        f.truncate(os.path.getsize(weights) // 2)
   elif kind == 'bad_hf':
     os.makedirs(os.path.join(tmp, 'badhf'), exist_ok=True)
     with open(os.path.join(tmp, 'badhf', 'config.json'), 'w') as f:

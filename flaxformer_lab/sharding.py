@@ -22,10 +22,14 @@ the mesh is entered with `jax.set_mesh` (the legacy `with mesh:` silently drops 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
-from typing import Any, Iterator, Sequence
+import sys
+import threading
+import time
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -41,23 +45,270 @@ ENV_NUM_PROCESSES = 'FLAXFORMER_NUM_PROCESSES'
 ENV_PROCESS_ID = 'FLAXFORMER_PROCESS_ID'
 ENV_NUM_CPU_DEVICES = 'FLAXFORMER_NUM_CPU_DEVICES'  # optional: CPU devices per process
 ENV_AUTO_DETECT = 'FLAXFORMER_DISTRIBUTED'  # '1': call jax.distributed.initialize() with no args
-# Seconds without a peer's heartbeat before the survivors stop (jax's default is 100), and seconds
-# to wait for every process at start-up (jax's default 300).
+# Seconds without a peer's heartbeat before the survivors stop with one line naming it (the lab's
+# PeerWatchdog; jax's own service, whose loss detection ends in a C++ abort, is given a longer
+# timeout as a backstop), and seconds to wait for every process at start-up (jax's default 300).
 ENV_HEARTBEAT_TIMEOUT = 'FLAXFORMER_HEARTBEAT_TIMEOUT_S'
 ENV_INIT_TIMEOUT = 'FLAXFORMER_INIT_TIMEOUT_S'
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 
 
+def _seconds(env: str, default: Optional[int]) -> Optional[int]:
+  value = os.environ.get(env)
+  if not value:
+    return default
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f'${env}={value!r} must be a whole number of seconds >= 1')
+  return int(value)
+
+
+def heartbeat_timeout() -> int:
+  """Seconds without a peer's heartbeat before a multi-process run stops ($%s)."""
+  return _seconds(ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S)
+
+
 def _timeouts() -> dict[str, int]:
-  out = {'heartbeat_timeout_seconds': DEFAULT_HEARTBEAT_TIMEOUT_S}
-  for env, key in ((ENV_HEARTBEAT_TIMEOUT, 'heartbeat_timeout_seconds'),
-                   (ENV_INIT_TIMEOUT, 'initialization_timeout')):
-    value = os.environ.get(env)
-    if value:
-      if not value.isdigit() or int(value) < 1:
-        raise ValueError(f'${env}={value!r} must be a whole number of seconds >= 1')
-      out[key] = int(value)
+  lab = heartbeat_timeout()
+  out = {'heartbeat_timeout_seconds': max(2 * lab, lab + 30)}  # the lab's watchdog speaks first
+  init = _seconds(ENV_INIT_TIMEOUT, None)
+  if init is not None:
+    out['initialization_timeout'] = init
   return out
+
+
+class PeerWatchdog:
+  """Stops a multi-process run with one line when a peer process is lost.
+
+  Each process publishes a heartbeat (a counter, every `interval` s) in the distributed service's
+  key-value store and reads its peers'. A peer whose counter has not moved for `timeout` s, or
+  the coordinator (process 0, which holds the store) no longer answering for `timeout` s, is
+  lost: `error: process <i> of <n> was lost ...` goes to stderr and this process leaves with
+  exit status errors.PEER_LOST at once (a collective waiting on the dead peer would otherwise
+  hang, or end in a C++ abort after jax's own heartbeat timeout). A process that leaves announces
+  it (`announce_exit`): a clean exit is never a loss; a failed one is reported by its peers after
+  a short grace period (its own error line says why).
+
+  Two threads: one does the store's I/O (it may block on a dead coordinator), the other only
+  compares timestamps, so the verdict comes within `timeout` + `interval` s whatever blocks.
+  """
+
+  PREFIX = 'flaxformer_lab/peer'
+
+  def __init__(self, client, process_index: int, process_count: int, timeout: float,
+               interval: float = 1.0, on_lost: Optional[Any] = None):
+    """`client`: jax's DistributedRuntimeClient (key_value_set / key_value_dir_get);
+    `on_lost(line)`: what a loss does (default: print `error: <line>` and exit PEER_LOST)."""
+    self._client = client
+    self._on_lost = on_lost
+    self.pid, self.n = int(process_index), int(process_count)
+    self.timeout, self.interval = float(timeout), float(interval)
+    now = time.monotonic()
+    self._seen = {p: (None, now) for p in range(self.n) if p != self.pid}  # (counter, when)
+    self._exited: dict[int, tuple[int, float]] = {}  # peer -> (exit status, when seen)
+    self._store_ok = now
+    self._stop = threading.Event()
+    self._lock = threading.Lock()
+    self.verdict: Optional[str] = None
+    self._threads = [threading.Thread(target=self._io, name='peer-heartbeat', daemon=True),
+                     threading.Thread(target=self._judge, name='peer-watchdog', daemon=True)]
+
+  def start(self) -> 'PeerWatchdog':
+    for t in self._threads:
+      t.start()
+    return self
+
+  def stop(self) -> None:
+    self._stop.set()
+
+  def announce_exit(self, code: int) -> None:
+    """Tells the peers this process is leaving with `code` (0: never reported as lost)."""
+    self._stop.set()
+    try:
+      self._client.key_value_set(f'{self.PREFIX}/exit/{self.pid}', str(int(code)), True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if code and _COORDINATOR is not None:
+      _COORDINATOR.failed()
+
+  def _io(self) -> None:
+    count = 0
+    while not self._stop.is_set():
+      count += 1
+      try:
+        self._client.key_value_set(f'{self.PREFIX}/beat/{self.pid}', str(count), True)
+        beats = dict(self._client.key_value_dir_get(f'{self.PREFIX}/'))
+      except Exception:  # pylint: disable=broad-except
+        beats = None  # the store (process 0) does not answer
+      now = time.monotonic()
+      if beats is not None:
+        with self._lock:
+          self._store_ok = now
+          for key, value in beats.items():
+            parts = key.rstrip('/').split('/')
+            kind, peer = (parts[-2], parts[-1]) if len(parts) >= 2 else ('', '')
+            if not peer.isdigit() or int(peer) == self.pid or int(peer) >= self.n:
+              continue
+            peer = int(peer)
+            if kind == 'beat' and self._seen[peer][0] != value:
+              self._seen[peer] = (value, now)
+            elif kind == 'exit' and peer not in self._exited:
+              self._exited[peer] = (int(value), now)
+      self._stop.wait(self.interval)
+
+  EXIT_GRACE_S = 5.0  # a peer that failed with its own error line: reported after this
+
+  def _judge(self) -> None:
+    grace = min(self.timeout, self.EXIT_GRACE_S)
+    while not self._stop.wait(self.interval / 2):
+      now = time.monotonic()
+      with self._lock:
+        lost = None
+        if self.pid != 0 and now - self._store_ok > self.timeout:
+          lost = (0, f'the coordinator (it holds the distributed service) has not answered for '
+                     f'{self.timeout:.0f} s')
+        for peer, (_, when) in sorted(self._seen.items()):
+          if lost:
+            break
+          if peer in self._exited:
+            code, seen = self._exited[peer]
+            if code and now - seen > grace:
+              lost = (peer, f'it stopped with exit status {code} (its own output says why)')
+            continue
+          if now - when > self.timeout:
+            lost = (peer, f'no heartbeat for {self.timeout:.0f} s: it crashed, was killed or its '
+                          'host went down')
+      if lost and not self._stop.is_set():
+        self._lost(*lost)
+        return
+
+  def _lost(self, peer: int, why: str) -> None:
+    from flaxformer_lab import errors  # pylint: disable=g-import-not-at-top
+    self.verdict = (f'process {peer} of {self.n} was lost ({why}); process {self.pid} stops too: '
+                    'rerun the same command on every process to resume from the last complete '
+                    'checkpoint')
+    if self._on_lost is not None:
+      self._on_lost(self.verdict)
+      return
+    print(f'error: {self.verdict}', file=sys.stderr, flush=True)
+    errors.quiet_exit(errors.PEER_LOST)
+
+  def wait_for_verdict(self, seconds: float) -> Optional[str]:
+    """Blocks up to `seconds` for a lost peer to be named (the watchdog then ends the process);
+    None when every peer is alive. For an error the main thread cannot explain."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and self.verdict is None and not self._stop.is_set():
+      time.sleep(0.2)
+    return self.verdict
+
+
+_WATCHDOG: Optional[PeerWatchdog] = None
+
+# The distributed service, run by process 0 in a child process of its own (see
+# `CoordinatorProcess`): its stdin carries the spec, then 'stop' (a clean shutdown) or 'failed'.
+_COORDINATOR_SCRIPT = r"""
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+spec = json.loads(sys.stdin.readline())
+from jax._src.lib import _jax
+try:
+  service = _jax.get_distributed_runtime_service(spec['address'], spec['num_nodes'],
+                                                 **spec['kwargs'])
+except Exception as e:
+  print('failed ' + ' '.join(str(e).split()), flush=True)
+  os._exit(1)
+print('ready', flush=True)
+line = sys.stdin.readline().strip()
+time.sleep({'stop': 2.0, 'failed': spec['grace']}.get(line, spec['linger']))
+os._exit(0)
+"""
+
+
+class CoordinatorProcess:
+  """jax's distributed service (the coordinator of a multi-process run) in a child process of
+  process 0, in place of the thread jax starts inside it.
+
+  Inside process 0, the service dies with it, and every peer's jax client then aborts at once
+  with a C++ stack dump (jaxlib gives no usable callback). In a child that outlives process 0
+  by the heartbeat timeout, the peers' PeerWatchdog sees process 0's heartbeat stop and says so
+  in one line. The child ignores SIGTERM/SIGINT (a preempted job's processes still save through
+  it) and leaves 2 s after jax shuts the service down cleanly, `grace` s after process 0 failed
+  with an error line, and `linger` s after process 0 vanished.
+  """
+
+  def __init__(self, address: str, num_nodes: int, *, linger: float, grace: float, **kwargs):
+    import json  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    self._proc = subprocess.Popen([sys.executable, '-c', _COORDINATOR_SCRIPT],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    spec = {'address': address, 'num_nodes': int(num_nodes), 'kwargs': kwargs,
+            'linger': float(linger), 'grace': float(grace)}
+    self._proc.stdin.write(json.dumps(spec) + '\n')
+    self._proc.stdin.flush()
+    answer = self._proc.stdout.readline().strip()
+    self._proc.stdout.close()
+    if answer != 'ready':
+      raise RuntimeError(f'the distributed service could not start on {address}: '
+                         f'{answer[len("failed "):] or "its process died"}')
+
+  def _send(self, word: str) -> None:
+    try:
+      self._proc.stdin.write(word + '\n')
+      self._proc.stdin.close()
+    except (OSError, ValueError):
+      pass
+
+  def shutdown(self) -> None:
+    """jax's `distributed.shutdown` (every client has passed the shutdown barrier)."""
+    self._send('stop')
+
+  def failed(self) -> None:
+    """Process 0 leaves with an error: the peers need the service only to learn it."""
+    self._send('failed')
+
+
+def _initialize(**kwargs) -> None:
+  """`jax.distributed.initialize(**kwargs)`, with process 0's service in a CoordinatorProcess."""
+  global _COORDINATOR
+  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+  original = _jax.get_distributed_runtime_service
+  lab = heartbeat_timeout()
+
+  def service(address, num_nodes, **service_kwargs):
+    global _COORDINATOR
+    _COORDINATOR = CoordinatorProcess(
+        address, num_nodes, linger=service_kwargs.get('heartbeat_timeout', 2 * lab) + 15,
+        grace=PeerWatchdog.EXIT_GRACE_S + 5, **service_kwargs)
+    return _COORDINATOR
+
+  _jax.get_distributed_runtime_service = service
+  try:
+    jax.distributed.initialize(**kwargs)
+  finally:
+    _jax.get_distributed_runtime_service = original
+
+
+_COORDINATOR: Optional[CoordinatorProcess] = None
+
+
+def peer_watchdog() -> Optional[PeerWatchdog]:
+  """The running watchdog of this multi-process run (None single-process)."""
+  return _WATCHDOG
+
+
+def start_peer_watchdog() -> Optional[PeerWatchdog]:
+  """Starts the PeerWatchdog after `jax.distributed.initialize` (idempotent; None when not
+  multi-process). A clean interpreter exit announces itself to the peers."""
+  global _WATCHDOG
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if _WATCHDOG is not None or client is None or jax.process_count() < 2:
+    return _WATCHDOG
+  _WATCHDOG = PeerWatchdog(client, jax.process_index(), jax.process_count(),
+                           heartbeat_timeout()).start()
+  atexit.register(_WATCHDOG.announce_exit, 0)  # before jax's client shuts down (LIFO)
+  return _WATCHDOG
 
 
 def check_mesh_config(mesh_config) -> None:
@@ -235,8 +486,9 @@ def maybe_initialize_distributed() -> bool:
     FLAXFORMER_NUM_CPU_DEVICES=k
         optional, any launch: k CPU devices per process (`jax_num_cpu_devices`).
     FLAXFORMER_HEARTBEAT_TIMEOUT_S=s (default 30), FLAXFORMER_INIT_TIMEOUT_S=s (jax: 300)
-        optional: a lost peer stops the survivors after s seconds without its heartbeat; every
-        process must have started within the init timeout.
+        optional: a lost peer stops the survivors after s seconds without its heartbeat, with
+        one line naming it (PeerWatchdog, exit status errors.PEER_LOST); every process must
+        have started within the init timeout.
     JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster that JAX
     auto-detects: SLURM, Open MPI, TPU pods), or FLAXFORMER_DISTRIBUTED=1
         `jax.distributed.initialize()` with JAX's own environment/cluster auto-detection.
@@ -260,8 +512,9 @@ def maybe_initialize_distributed() -> bool:
     pid = int(env[ENV_PROCESS_ID])
     logging.info('jax.distributed.initialize(%s, num_processes=%d, process_id=%d)',
                  env[ENV_COORDINATOR], num, pid)
-    jax.distributed.initialize(env[ENV_COORDINATOR], num_processes=num, process_id=pid,
-                               **_timeouts())
+    _initialize(coordinator_address=env[ENV_COORDINATOR], num_processes=num, process_id=pid,
+                **_timeouts())
+    start_peer_watchdog()
     return True
   if env.get('JAX_COORDINATOR_ADDRESS') or env.get(ENV_AUTO_DETECT) == '1':
     if env.get('JAX_NUM_PROCESSES') == '1':
@@ -269,8 +522,8 @@ def maybe_initialize_distributed() -> bool:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     num = env.get('JAX_NUM_PROCESSES')
     pid = env.get('JAX_PROCESS_ID')
-    jax.distributed.initialize(
-        num_processes=int(num) if num else None, process_id=int(pid) if pid else None,
-        **_timeouts())
+    _initialize(num_processes=int(num) if num else None, process_id=int(pid) if pid else None,
+                **_timeouts())
+    start_peer_watchdog()
     return True
   return False

@@ -10,6 +10,7 @@ rundir.py.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -77,7 +78,13 @@ def check_data_source(config: ml_collections.ConfigDict) -> None:
   """The data set exists and, unless it is synthetic, its raw files have a place to come from:
   an existing, non-empty `data.manual_dir` (never a silent download)."""
   from flaxformer_lab.data import sources  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.data import tokenizers  # pylint: disable=g-import-not-at-top
   d = config.data
+  kinds = ('byte', *tokenizers.TRAINED_KINDS)
+  if d.get('tokenizer', 'byte') not in kinds:
+    close = difflib.get_close_matches(str(d.tokenizer), kinds, n=1)
+    raise ConfigError(f'config.data.tokenizer={d.tokenizer!r} is not a tokenizer: use one of '
+                      f'{", ".join(kinds)}' + (f' (did you mean {close[0]!r}?)' if close else ''))
   if d.name in sources.SYNTHETIC:
     return
   try:
@@ -114,11 +121,11 @@ def validate_config(config: ml_collections.ConfigDict,
     shard_lib.check_mesh_config(config.mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  check_data_source(config)  # names only: nothing is read or prepared here
   model_cfg = ModelConfig.from_dict(config.model)
   objective = get_objective(config)
   objective.validate(config, model_cfg)
   evals_lib.build_evaluators(config, objective, model_cfg)
-  check_data_source(config)
   seq_len = config.data.seq_len
   lengths = [seq_len]
   if model_cfg.family == 'encoder_decoder':

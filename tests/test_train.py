@@ -17,7 +17,7 @@ import pytest
 from flaxformer_lab import metrics as metrics_lib
 from flaxformer_lab import rundir
 from flaxformer_lab import train
-from multiprocess_util import REPO_ROOT, base_env, launch_processes
+from multiprocess_util import REPO_ROOT, base_env, free_port, launch_processes
 
 from flaxformer_lab.presets import common
 from flaxformer_lab.presets import gpt2
@@ -152,6 +152,58 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tfds_dir):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert max(losses(workdir)) == steps[-1] + 2
   assert 'resumed from step %d' % steps[-1] in resumed.stderr
+
+
+def start_two_processes(args, workdir, tfds_dir, env=None):
+  """Two `flaxformer_lab.main` processes of one run (2 x 4 CPU devices), not waited for."""
+  port = free_port()
+  procs = []
+  for i in range(2):
+    penv = base_env({'FLAXFORMER_TFDS_DIR': tfds_dir, 'FLAXFORMER_COORDINATOR': f'localhost:{port}',
+                     'FLAXFORMER_NUM_PROCESSES': '2', 'FLAXFORMER_PROCESS_ID': str(i),
+                     'FLAXFORMER_NUM_CPU_DEVICES': '4', **(env or {})})
+    procs.append(subprocess.Popen([sys.executable, '-m', 'flaxformer_lab.main',
+                                   f'--workdir={workdir}', *args], env=penv, cwd=REPO_ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+@pytest.mark.slow  # a two-process run: about a minute per case on 2 shared cores
+@pytest.mark.parametrize('victim', [1, 0])  # 0 also holds the distributed service
+def test_a_lost_process_stops_the_survivor_with_one_line(tmp_path, tfds_dir, victim):
+  """SIGKILL one process of a two-process run mid-training: the survivor exits with status 4
+  within the configured heartbeat timeout, its only error output one line naming the lost
+  process (no traceback, no C++ abort)."""
+  timeout_s = 6
+  workdir = tmp_path / 'run'
+  args = [a for a in TINY_LM if not a.startswith(('--config.num_steps', '--config.progress'))]
+  args += ['--config.num_steps=100000', '--config.progress=off', '--config.mesh.shape=(2,2,2)']
+  procs = start_two_processes(args, workdir, tfds_dir,
+                              env={'FLAXFORMER_HEARTBEAT_TIMEOUT_S': str(timeout_s)})
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if (workdir / 'checkpoints' / '2').is_dir() and losses(workdir).get(3):
+        break
+      time.sleep(0.3)
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    procs[victim].kill()
+    killed_at = time.time()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=timeout_s + 60)
+    took = time.time() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
+  assert survivor.returncode == 4, (survivor.returncode, err[-3000:])
+  assert took < timeout_s + 20, (took, err[-2000:])
+  lines = [l for l in err.splitlines() if l.strip()]
+  errors_ = [l for l in lines if l.startswith('error:')]
+  assert len(errors_) == 1 and lines[-1] == errors_[0], err[-3000:]
+  assert f'process {victim} of 2 was lost' in errors_[0], errors_[0]
+  assert 'Traceback' not in err and 'Check failure' not in err and 'F0000' not in err, err[-3000:]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -111,10 +112,26 @@ class _LabBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def _read_text(path: str) -> str:
-  """UTF-8 text of a plain or .gz file, with CRLF normalised to LF."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt', encoding='utf-8', newline='') as f:
-    return f.read().replace('\r\n', '\n')
+  """UTF-8 text of a plain or .gz file, with CRLF normalised to LF. A file that is empty,
+  compressed without a .gz name, not gzip despite one, or not UTF-8 is a DataError naming it."""
+  gz = path.endswith('.gz')
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(2)
+    if not gz and head == b'\x1f\x8b':
+      raise DataError(f'data file {path} is gzip-compressed but not named .gz: decompress it '
+                      '(gunzip) or replace it with the plain UTF-8 text file')
+    with (gzip.open if gz else open)(path, 'rt', encoding='utf-8', newline='') as f:
+      text = f.read().replace('\r\n', '\n')
+  except UnicodeDecodeError as e:
+    raise DataError(f'data file {path} is not UTF-8 text{" once decompressed" if gz else ""} '
+                    f'(byte {e.object[e.start:e.start + 1]!r}): convert it to UTF-8 (e.g. '
+                    'iconv -f latin1 -t utf-8) or replace it') from None
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise DataError(f'data file {path} is not a complete gzip file ({e}): replace it') from None
+  if not text.strip():
+    raise DataError(f'data file {path} is empty: replace it with the raw text')
+  return text
 
 
 def _read_lines(path: str) -> list[str]:

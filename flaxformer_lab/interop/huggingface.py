@@ -30,12 +30,13 @@ then match Hugging Face at every position, pads included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import logging
 from flax import traverse_util
@@ -81,6 +82,20 @@ def _legacy_name(key: str) -> str:
                                                                 'LayerNorm.weight', key))
 
 
+@contextlib.contextmanager
+def _reading(file: str) -> Iterator[None]:
+  """A weights file the library cannot parse (truncated, garbage, not that format) is an
+  HFCheckpointError naming it, not the library's traceback."""
+  try:
+    yield
+  except (HFCheckpointError, FileNotFoundError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise HFCheckpointError(
+        f'{file} cannot be read ({type(e).__name__}: {" ".join(str(e).split())[:200]}): the '
+        'checkpoint is corrupt or incomplete; download or save it again') from e
+
+
 def _weight_files(path: str) -> list[str]:
   """model.safetensors (or its shards), else pytorch_model.bin (or its shards)."""
   for name in (SAFE_WEIGHTS, TORCH_WEIGHTS):
@@ -88,7 +103,7 @@ def _weight_files(path: str) -> list[str]:
       return [os.path.join(path, name)]
     index = os.path.join(path, name + '.index.json')
     if os.path.exists(index):
-      with open(index) as f:
+      with _reading(index), open(index) as f:
         shards = sorted(set(json.load(f)['weight_map'].values()))
       return [os.path.join(path, s) for s in shards]
   raise FileNotFoundError(f'{path} holds no {SAFE_WEIGHTS} or {TORCH_WEIGHTS} (nor a sharded '
@@ -98,7 +113,7 @@ def _weight_files(path: str) -> list[str]:
 def _read_safetensors(file: str, keys: Optional[set[str]]) -> dict[str, np.ndarray]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   out = {}
-  with safe_open(file, framework='np') as f:
+  with _reading(file), safe_open(file, framework='np') as f:
     for key in f.keys():
       if keys is not None and _legacy_name(key) not in keys:
         continue
@@ -123,7 +138,8 @@ def _read_raw_tensor(file: str, key: str) -> np.ndarray:
 
 def _read_torch(file: str, keys: Optional[set[str]]) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(file, map_location='cpu', weights_only=True)
+  with _reading(file):
+    sd = torch.load(file, map_location='cpu', weights_only=True)
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()
           if keys is None or _legacy_name(k) in keys}
 
@@ -135,7 +151,7 @@ def checkpoint_keys(path: str) -> list[str]:
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     keys = []
     for file in files:
-      with safe_open(file, framework='np') as f:
+      with _reading(file), safe_open(file, framework='np') as f:
         keys += list(f.keys())
   else:
     keys = [k for file in files for k in _read_torch(file, None)]
