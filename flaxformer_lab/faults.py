@@ -155,11 +155,34 @@ def logged_steps(workdir: str) -> list[int]:
   return out
 
 
+def terminal_lines(text: str) -> list[str]:
+  """The non-blank lines a terminal shows once `text` is written to it: carriage returns,
+  newlines and cursor-up (ESC [ A, used by nested progress bars to redraw and clear themselves)
+  are applied; other escape sequences are dropped."""
+  import re  # pylint: disable=g-import-not-at-top
+  screen, row, col = [[]], 0, 0
+  for token in re.findall(r'\x1b\[[0-9;]*[A-Za-z]|[\r\n]|[^\x1b\r\n]+|\x1b', text):
+    if token == '\n':
+      row, col = row + 1, 0
+      while len(screen) <= row:
+        screen.append([])
+    elif token == '\r':
+      col = 0
+    elif token.startswith('\x1b'):
+      if token.endswith('A'):
+        row = max(row - int(token[2:-1] or 1), 0)
+    else:
+      line = screen[row]
+      line.extend(' ' * max(col - len(line), 0))
+      line[col:col + len(token)] = list(token)
+      col += len(token)
+  return [''.join(l).rstrip() for l in screen if ''.join(l).strip()]
+
+
 def one_error_line(stderr: str) -> Optional[str]:
-  """The `error:` line when it is the only output (a progress bar redrawn with carriage returns,
-  e.g. the first preparation of a data set, counts by what remains on the terminal)."""
-  lines = [l.split('\r')[-1] for l in stderr.split('\n')]
-  lines = [l for l in lines if l.strip() and not (l.startswith('error: ') is False and '\x1b[' in l)]
+  """The `error:` line when it is all that stays on the terminal (progress bars that redraw and
+  clear themselves, e.g. the first preparation of a data set, leave nothing behind)."""
+  lines = terminal_lines(stderr)
   if len(lines) == 1 and lines[0].startswith('error: '):
     return lines[0]
   return None
@@ -230,7 +253,9 @@ BAD_INPUTS: list[Case] = [
     _c('unknown position', 'model.position=spiral', expect=['position']),
     _c('unknown task', 'task=telepathy', expect=['task']),
     _c('unknown data set', 'data.name=no_such_data', expect=['data.name']),
-    _c('unknown tokenizer', 'data.tokenizer=morse', expect=['tokenizer']),
+    # refused before any data preparation: nothing is written to its data_dir
+    _c('unknown tokenizer', 'data.tokenizer=morse', 'data.data_dir={tmp}/tfds_tok',
+       expect=['data.tokenizer', 'morse'], watch='{tmp}/tfds_tok'),
     _c('vocab smaller than the tokenizer', 'model.vocab_size=64', expect=['vocab_size']),
     _c('sequence too short', 'data.seq_len=2', expect=['seq_len']),
     _c('empty manual_dir', "data.manual_dir=", expect=['data.manual_dir']),
@@ -325,6 +350,7 @@ BAD_INPUTS: list[Case] = [
     Case('convert: truncated weights file', 'convert',
          ['--hf_dir={tmp}/hf_truncated', '--workdir={fresh}'],
          ('hf_truncated/model.safetensors', 'corrupt'), prepare='hf_truncated'),
+    _c('init_from a missing run', 'init_from={tmp}/no_run', expect=['init_from', 'no_run']),
     Case('init_from=hf: garbage weights file', 'main',
          ['--workdir={fresh}', '--config=configs/bert.py:tiny,task=classification',
           '--config.init_from=hf:{tmp}/hf_garbage'],

@@ -107,6 +107,22 @@ def check_data_source(config: ml_collections.ConfigDict) -> None:
                       f'folder holding the raw {d.name} files (nothing is downloaded in its place)')
 
 
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """`init_from` exists and, for `hf:<dir>`, its config.json and weight-file headers read (cheap:
+  no tensor is loaded), so that a damaged source is refused before any data is prepared."""
+  source = str(config.get('init_from', '') or '')
+  if not source:
+    return
+  path = source[3:] if source.startswith('hf:') else source
+  if not os.path.isdir(path):
+    raise ConfigError(f'config.init_from={source!r}: {path} is not a directory (a lab run '
+                      'directory, or hf:<a Hugging Face checkpoint directory>)')
+  if source.startswith('hf:'):
+    from flaxformer_lab.interop import huggingface  # pylint: disable=g-import-not-at-top
+    huggingface.read_hf_config(path)
+    huggingface.checkpoint_keys(path)
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: Optional[int] = None) -> ModelConfig:
   """Rejects impossible configs before anything compiles; each error says what to change.
@@ -122,6 +138,7 @@ def validate_config(config: ml_collections.ConfigDict,
   except ValueError as e:
     raise ConfigError(str(e)) from e
   check_data_source(config)  # names only: nothing is read or prepared here
+  check_init_from(config)
   model_cfg = ModelConfig.from_dict(config.model)
   objective = get_objective(config)
   objective.validate(config, model_cfg)

@@ -48,6 +48,18 @@ def test_the_table_has_sixty_kinds_of_bad_input():
                                                    'sweep'}
 
 
+def test_the_one_line_check_sees_what_the_terminal_shows():
+  # nested progress bars that clear themselves (tqdm: cursor up, carriage return, blanks)
+  bars = ('\rsplits:   0%| 0/3\n\rexamples: 0\x1b[A\n\r            \x1b[A\r'
+          '                \rerror: x is wrong\n')
+  assert faults.one_error_line(bars) == 'error: x is wrong'
+  assert faults.one_error_line('warning: y\nerror: x\n') is None
+  assert faults.one_error_line('Traceback (most recent call last):\n  ...\nerror: x\n') is None
+  assert faults.one_error_line('loading 50%\rerror: x\n') == 'error: x'
+  assert faults.one_error_line('error: x\nerror: y\n') is None
+  assert faults.one_error_line('') is None
+
+
 def _check(rows):
   bad = [f'{r["name"]}: {r["why"]}' for r in rows if not r['ok']]
   assert not bad, '\n'.join(bad)
@@ -67,6 +79,127 @@ def test_bad_inputs_on_a_run(tmp_path, tfds_dir, run_dir):
   cases = [c for c in faults.BAD_INPUTS if '{run' in ' '.join(c.args)]
   rows = faults.run_bad_inputs(str(tmp_path), tfds_dir, run_dir, cases=cases)
   _check(rows)
+
+
+# A few table cases that need no data preparation and no run, end to end through `main` in one
+# worker process: the quick CI guard of the table (the whole table is slow-marked below).
+QUICK_CASES = ('keep_checkpoints=0', 'unknown optimizer', 'grad_accum_steps=0',
+               'mesh.shape not a tuple', 'unknown tokenizer', 'unknown data set',
+               'config file syntax error', 'unknown config argument', 'no --workdir')
+
+
+def test_quick_bad_inputs_are_one_line(tmp_path, tfds_dir):
+  cases = [c for c in faults.BAD_INPUTS if c.name in QUICK_CASES]
+  assert len(cases) == len(QUICK_CASES)
+  rows = faults.run_bad_inputs(str(tmp_path), tfds_dir, run_dir='/nonexistent', cases=cases)
+  _check(rows)
+  assert not os.path.exists(tmp_path / 'tfds_tok')  # the unknown tokenizer prepared nothing
+
+
+@pytest.mark.parametrize('content, name, expect', [
+    ('Caf\u00e9\n'.encode('latin-1') * 50, 'input.txt', 'not UTF-8'),
+    (__import__('gzip').compress(b'First Citizen:\n' * 50), 'input.txt', 'gzip-compressed'),
+    (b'', 'input.txt', 'empty'),
+    (b' \n\n', 'input.txt', 'empty'),
+    (b'plain text, not gzip\n', 'train.en.gz', 'not a complete gzip file'),
+    (__import__('gzip').compress(b'First Citizen:\n' * 50)[:40], 'train.en.gz',
+     'not a complete gzip file'),
+], ids=['latin1', 'gzip-without-gz', 'empty', 'blank', 'gz-not-gzip', 'gz-truncated'])
+def test_a_bad_data_file_is_one_line_naming_it(tmp_path, content, name, expect):
+  from flaxformer_lab.data import builders  # pylint: disable=g-import-not-at-top
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(builders.DataError) as e:
+    builders._read_text(str(path))  # pylint: disable=protected-access
+  code, line = errors.classify(e.value)
+  assert code == 2 and str(path) in line and expect in line, line
+
+
+def test_good_data_files_still_read(tmp_path):
+  import gzip  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.data import builders  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a.txt').write_bytes('Caf\u00e9\r\nb\n'.encode('utf-8'))
+  (tmp_path / 'b.gz').write_bytes(gzip.compress('x\u00e9\n'.encode('utf-8')))
+  assert builders._read_text(str(tmp_path / 'a.txt')) == 'Caf\u00e9\nb\n'  # pylint: disable=protected-access
+  assert builders._read_text(str(tmp_path / 'b.gz')) == 'x\u00e9\n'  # pylint: disable=protected-access
+
+
+def test_an_unknown_tokenizer_is_refused_by_validation():
+  c = _tiny()
+  c.data.tokenizer = 'sentencepeice'
+  with pytest.raises(train.ConfigError, match="data.tokenizer='sentencepeice'.*'sentencepiece'"):
+    train.validate_config(c)
+
+
+@pytest.mark.parametrize('kind', ['hf_garbage', 'hf_truncated'])
+def test_corrupt_hf_weights_are_one_line_naming_the_file(tmp_path, kind):
+  from flaxformer_lab.interop import huggingface  # pylint: disable=g-import-not-at-top
+  faults._prepare(kind, str(tmp_path), {})  # pylint: disable=protected-access
+  weights = str(tmp_path / kind / 'model.safetensors')
+  for read in (huggingface.checkpoint_keys, huggingface.read_state_dict):
+    with pytest.raises(huggingface.HFCheckpointError) as e:
+      read(str(tmp_path / kind))
+    code, line = errors.classify(e.value)
+    assert code == 2 and weights in line and 'corrupt' in line, line
+
+
+class _FakeStore:
+  """The distributed key-value store of jax's client, in memory; `down` makes it fail."""
+
+  def __init__(self):
+    self.kv, self.down = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.down:
+      raise RuntimeError('UNAVAILABLE')
+    self.kv[key] = value
+
+  def key_value_dir_get(self, prefix):
+    if self.down:
+      raise RuntimeError('UNAVAILABLE')
+    return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+def _watch(store, pid, n, lost):
+  from flaxformer_lab import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.PeerWatchdog(store, pid, n, timeout=1.0, interval=0.1,
+                               on_lost=lost.append).start()
+
+
+def _wait(pred, seconds):
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline and not pred():
+    time.sleep(0.05)
+  return pred()
+
+
+def test_peer_watchdog_names_the_lost_process():
+  store = _FakeStore()
+  lost0, lost1, lost2 = [], [], []
+  dogs = [_watch(store, i, 3, l) for i, l in enumerate((lost0, lost1, lost2))]
+  assert not _wait(lambda: lost0 or lost1 or lost2, 2.0)  # all alive: no verdict
+  dogs[2].stop()  # process 2 dies without a word
+  assert _wait(lambda: lost0 and lost1, 3.0)
+  assert 'process 2 of 3 was lost' in lost0[0] and 'process 2 of 3 was lost' in lost1[0]
+  for d in dogs:
+    d.stop()
+
+
+def test_peer_watchdog_clean_exit_is_no_loss_and_coordinator_loss_names_0():
+  store = _FakeStore()
+  lost0, lost1 = [], []
+  d0, d1 = _watch(store, 0, 2, lost0), _watch(store, 1, 2, lost1)
+  d1.announce_exit(0)  # process 1 finished
+  assert not _wait(lambda: lost0, 2.0)
+  d0.stop()
+  store2 = _FakeStore()
+  lost = []
+  d = _watch(store2, 1, 2, lost)
+  store2.kv['flaxformer_lab/peer/beat/0'] = 'x'
+  store2.down = True  # the coordinator (process 0, holding the store) is gone
+  assert _wait(lambda: lost, 3.0) and 'process 0 of 2 was lost' in lost[0], lost
+  d.stop()
 
 
 def test_one_error_line_classifies_project_and_library_errors():

@@ -50,6 +50,7 @@ def losses(workdir):
   return {r['step']: r['train/loss'] for r in recs if 'train/loss' in r}
 
 
+@pytest.mark.slow  # three runs, one of two processes: minutes on 2 shared cores
 def test_one_device_mesh_and_two_processes_agree(tmp_path, tfds_dir):
   one = run_main(TINY_LM, tmp_path / 'one', tfds_dir)
   assert one.returncode == 0, one.stderr[-3000:]
@@ -128,6 +129,7 @@ def test_resume_after_stop_is_exact(tmp_path, tfds_dir):
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
+@pytest.mark.slow  # two subprocess runs (quick CI: test_checkpoint's SIGTERM test)
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tfds_dir):
   workdir = tmp_path / 'run'
   args = [a for a in TINY_LM if not a.startswith(('--config.num_steps', '--config.checkpoint'))]
@@ -206,6 +208,7 @@ def test_a_lost_process_stops_the_survivor_with_one_line(tmp_path, tfds_dir, vic
   assert 'Traceback' not in err and 'Check failure' not in err and 'F0000' not in err, err[-3000:]
 
 
+@pytest.mark.slow  # two subprocess runs (quick CI: test_faults' poisoned-update tests)
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tfds_dir):
   workdir = tmp_path / 'run'
   args = [a for a in TINY_LM if not a.startswith('--config.num_steps')]
