@@ -221,3 +221,29 @@ def test_tensorflow_is_never_imported(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == 'False'
+
+
+@needs_shared
+def test_concurrent_preparation_waits_for_the_first(tmp_path):
+  """Two processes preparing one data set (a parallel sweep on a fresh data directory) take turns:
+  while one holds the preparation lock the other waits, then finds the data built."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / 'tfds')
+  os.makedirs(data_dir)
+  code = ('from flaxformer_lab.data import builders; print("imported", flush=True); '
+          f'b = builders.prepare("tiny_shakespeare", data_dir={data_dir!r}, '
+          f'manual_dir={SHARED!r}); print(b.info.splits["train"].num_examples)')
+  with open(os.path.join(data_dir, '.lab_tiny_shakespeare.prepare.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process is preparing
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'imported'
+    time.sleep(6)  # long enough for an unlocked preparation to start writing
+    assert proc.poll() is None, proc.communicate()
+    assert not os.path.exists(os.path.join(data_dir, 'lab_tiny_shakespeare'))
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert out.split()[-1] == '1'

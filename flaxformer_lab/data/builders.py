@@ -18,6 +18,7 @@ tfrecord) `tiny_shakespeare` etc. prepared in the same `data_dir`.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import re
@@ -418,8 +419,16 @@ def get_builder(name: str, *, data_dir: str, manual_dir: str | None = None) -> _
 
 
 def prepare(name: str, *, data_dir: str, manual_dir: str | None = None) -> _LabBuilder:
-  """Builds data set `name` once (a no-op when it is already prepared) and returns its builder."""
+  """Builds data set `name` once (a no-op when it is already prepared) and returns its builder.
+
+  Processes that prepare the same data set at once (the runs of a parallel sweep on a fresh data
+  directory) take turns on a lock file beside it: the first builds it, the others find it built.
+  """
   builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  os.makedirs(builder.data_dir_root, exist_ok=True)
+  with open(os.path.join(builder.data_dir_root, f'.{builder.name}.prepare.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+    builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir)  # sees a finished build
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
