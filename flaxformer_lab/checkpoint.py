@@ -30,8 +30,10 @@ that later loses files is still listed by `latest_step()`; `restore()` then rais
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import threading
 from typing import Any, Callable, Sequence
@@ -187,6 +189,7 @@ class Checkpointer:
     if step == self._last_saved or step in self._manager.all_steps():
       return False
     _check_saveable(state)
+    self._check_space(step, state)
     if callable(data_state):
       data_state = data_state()
     per_process = _allgather_json(_encode_data_state(data_state))
@@ -200,6 +203,23 @@ class Checkpointer:
       self._last_saved = step
       logging.info('checkpoint: saving step %d to %s', step, self.directory)
     return saved
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Refuses a save that cannot fit on the disk before anything is written (an OSError
+    ENOSPC naming the directory: one line at the entry point, no partial checkpoint, none of
+    the writer's background-thread tracebacks). Local directories only; a disk that fills
+    during the save still fails in the writer."""
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
+    path = self.directory
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+      path = os.path.dirname(path)
+    try:
+      free = shutil.disk_usage(path).free
+    except (OSError, ValueError):
+      return
+    if free < need * 1.1:
+      raise OSError(errno.ENOSPC, f'No space left on device: checkpoint step {step} needs about '
+                    f'{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free', self.directory)
 
   def save(self, step: int, state: Any, data_state: Any | Callable[[], Any] = None) -> bool:
     """A forced save (end of training, preemption); False when `step` is already saved."""

@@ -92,15 +92,41 @@ def one_line(text: str, limit: int = 800) -> str:
   return out if len(out) <= limit else out[:limit - 3] + '...'
 
 
+# A full or read-only disk as libraries that do not raise OSError say it (tensorstore, under
+# orbax: "ValueError: RESOURCE_EXHAUSTED: Error writing local file "<path>": ... No space left on
+# device [os_error_code='28']").
+_DISK_TEXT = {errno.ENOSPC: ('No space left on device', "os_error_code='28'"),
+              errno.EDQUOT: ('Disk quota exceeded', "os_error_code='122'"),
+              errno.EROFS: ('Read-only file system', "os_error_code='30'")}
+
+
+def _disk_error(e: BaseException) -> Optional[tuple[int, Optional[str]]]:
+  """(errno, file or None) when `e` or an exception it was raised from is a disk error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+      return e.errno, e.filename
+    text = str(e)
+    for code, marks in _DISK_TEXT.items():
+      if any(m in text for m in marks):
+        m = re.search(r'(?:writing|to) (?:local )?file "([^"]+)"', text)
+        return code, m.group(1) if m else None
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def classify(e: BaseException) -> Optional[tuple[int, str]]:
   """(exit status, one-line message) for an error the user can act on; None for a bug."""
   if isinstance(e, Failure):
     return e.code, one_line(str(e))
   if isinstance(e, Diverged):
     return DIVERGED, one_line(str(e))
-  if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
-    where = f' writing {e.filename}' if e.filename else ''
-    return BAD_INPUT, (f'{_DISK_ERRNOS[e.errno]}{where}: free space or choose a --workdir on '
+  disk = _disk_error(e)
+  if disk is not None:
+    code, filename = disk
+    where = f' writing {filename}' if filename else ''
+    return BAD_INPUT, (f'{_DISK_ERRNOS[code]}{where}: free space or choose a --workdir on '
                        'another disk (the checkpoints saved so far are intact)')
   if isinstance(e, _project_classes()):
     return BAD_INPUT, one_line(str(e))

@@ -1,8 +1,9 @@
 r"""Fault injection: what survives what.
 
   python -m flaxformer_lab.faults            # quick form (CI-sized): bad inputs, a poisoned update,
-                                             # corrupt checkpoints, 2 SIGKILLs, 1 SIGTERM, full disk
-  python -m flaxformer_lab.faults --full     # 20 SIGKILLs, 5 SIGTERMs
+                                             # corrupt checkpoints, 2 SIGKILLs, 1 SIGTERM, a lost
+                                             # process 0 of a two-process run, full disk
+  python -m flaxformer_lab.faults --full     # 20 SIGKILLs, 5 SIGTERMs, lost process 0 and 1
   python -m flaxformer_lab.faults --only=bad_inputs,kills --json=/tmp/faults.json
 
 Every trial is a real `python -m flaxformer_lab.<entry>` process on a tiny decoder run, except the
@@ -18,6 +19,9 @@ process exit), so sixty cases cost a few processes. What each trial asserts:
 - a poisoned update (the optimizer turns the parameters NaN while loss and gradient stay finite):
   exit 3, one line naming the last good step, no checkpoint with a non-finite value;
 - corrupt or truncated checkpoint files: exit 2, one line naming the checkpoint;
+- a process of a two-process run killed once it has saved a checkpoint: the survivor exits with
+  status 4 within the heartbeat timeout, one line naming the lost process; both rerun resume
+  bit-identical to an uninterrupted two-process run (quick: process 0, --full: 0 and 1);
 - a full disk (a 3 MB tmpfs; needs root, else skipped with the reason): one line, exit 2, and the
   checkpoints saved before it still restore.
 """
@@ -635,6 +639,97 @@ def run_kills(tmp: str, tfds_dir: str, kills: int, terms: int, seed: int = 0,
   return {'window_s': round(window, 1), 'trials': trials}
 
 
+# --- a lost process of a two-process run ---------------------------------------------------------
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
+
+
+def start_two(workdir: str, args: Sequence[str], tfds_dir: str, heartbeat_s: int
+              ) -> list[subprocess.Popen]:
+  """Both processes of a 2 x 4-CPU-device run of `main` (not waited for)."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = env_for(tfds_dir, {'FLAXFORMER_COORDINATOR': f'localhost:{port}',
+                             'FLAXFORMER_NUM_PROCESSES': '2', 'FLAXFORMER_PROCESS_ID': str(i),
+                             'FLAXFORMER_NUM_CPU_DEVICES': '4',
+                             'FLAXFORMER_HEARTBEAT_TIMEOUT_S': str(heartbeat_s)})
+    procs.append(subprocess.Popen([sys.executable, '-m', 'flaxformer_lab.main',
+                                   f'--workdir={workdir}', *args], env=env, cwd=REPO_ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _finish(procs: Sequence[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+  out = []
+  deadline = time.time() + timeout
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      _, err = p.communicate()
+    out.append((p.returncode, err))
+  return out
+
+
+def peer_loss(tmp: str, tfds_dir: str, victims: Sequence[int] = (0, 1), heartbeat_s: int = 6,
+              num_steps: int = 12) -> dict[str, Any]:
+  """A two-process run; once it has saved step 2, SIGKILL process `victim`. The survivor must
+  exit with status 4 within the heartbeat timeout (+20 s), its one `error:` line naming the lost
+  process, no traceback or C++ abort; both processes rerun resume bit-identical to an
+  uninterrupted two-process run."""
+  args = tiny_args(num_steps, checkpoint_every=2, keep_checkpoints=3,
+                   **{'mesh.shape': '(2,2,2)'})
+  ref_dir = os.path.join(tmp, 'peer_reference')
+  ref = _finish(start_two(ref_dir, args, tfds_dir, heartbeat_s), 600)
+  if any(code for code, _ in ref):
+    return {'ok': False, 'why': f'reference run failed: {ref[0][1][-1500:]} {ref[1][1][-1500:]}',
+            'trials': []}
+  reference = checkpoint_contents(ref_dir)
+  trials = []
+  for victim in victims:
+    workdir = os.path.join(tmp, f'peer_kill{victim}')
+    procs = start_two(workdir, args, tfds_dir, heartbeat_s)
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs) and not steps_of(workdir):
+      time.sleep(0.1)
+    sent = all(p.poll() is None for p in procs)
+    problems = []
+    if sent:
+      procs[victim].kill()
+    killed_at = time.time()
+    (code, err), = _finish([procs[1 - victim]], heartbeat_s + 60)
+    took = time.time() - killed_at
+    _finish([procs[victim]], 30)
+    lines = [l for l in terminal_lines(err) if l.startswith('error:')]
+    if not sent:
+      problems.append('the run ended before the kill')
+    else:
+      if code != 4:
+        problems.append(f'survivor exit {code}')
+      if took > heartbeat_s + 20:
+        problems.append(f'survivor took {took:.0f} s')
+      if len(lines) != 1 or f'process {victim} of 2 was lost' not in lines[0]:
+        problems.append(f'error lines {lines}')
+      if any(w in err for w in ('Traceback', 'Check failure', 'Fatal Python error')):
+        problems.append(f'noise: {err[-800:]!r}')
+    resumed = _finish(start_two(workdir, args, tfds_dir, heartbeat_s), 600)
+    if any(c for c, _ in resumed):
+      problems.append(f'resume failed: {[c for c, _ in resumed]} {resumed[0][1][-800:]}')
+    else:
+      diff = identical(checkpoint_contents(workdir), reference)
+      if diff:
+        problems.append(f'not bit-identical: {diff}')
+    trials.append({'victim': victim, 'survivor_exit': code, 'exit_after_s': round(took, 1),
+                   'line': lines[0] if lines else None, 'ok': not problems,
+                   'why': '; '.join(problems)})
+  return {'ok': all(t['ok'] for t in trials), 'trials': trials}
+
+
 # --- poisoned update, corrupt checkpoints, full disk ----------------------------------------------
 def poisoned_update(tmp: str, poison_step: int = 3) -> dict[str, Any]:
   """In this process: an optimizer whose update at `poison_step` makes the parameters NaN while
@@ -783,7 +878,7 @@ def full_disk(tmp: str, tfds_dir: str, size: str = '3m') -> dict[str, Any]:
 
 
 # --- the command ----------------------------------------------------------------------------------
-PARTS = ('bad_inputs', 'poison', 'corrupt', 'kills', 'full_disk')
+PARTS = ('bad_inputs', 'poison', 'corrupt', 'kills', 'peer', 'full_disk')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -858,6 +953,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flush=True)
       results['kills'] = rec
       ok &= len(good) == len(rec['trials'])
+    if 'peer' in parts:
+      rec = peer_loss(tmp, tfds_dir, victims=(0, 1) if a.full else (0,))
+      for t in rec['trials']:
+        print(f'[lost peer] {"ok" if t["ok"] else "FAIL"} process {t["victim"]} killed: survivor '
+              f'exit {t["survivor_exit"]} after {t["exit_after_s"]} s; {t["why"] or t["line"]}',
+              flush=True)
+      if not rec['trials']:
+        print(f'[lost peer] FAIL {rec["why"]}', flush=True)
+      results['peer'] = rec
+      ok &= rec['ok']
     if 'full_disk' in parts:
       rec = full_disk(tmp, tfds_dir)
       print(f'[full disk] {rec.get("skipped") and "skipped: " + rec["skipped"] or ("ok" if rec["ok"] else "FAIL " + rec["why"])}'

@@ -107,6 +107,25 @@ def test_maybe_save_interval_and_keep_last_k(tmp_path):
   ck.close()
 
 
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+  from flaxformer_lab import errors  # pylint: disable=g-import-not-at-top
+  state = _state()
+  ck = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3, async_save=False)
+  assert ck.save(1, state, {'n': 1})
+  real = shutil.disk_usage
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage',
+                      lambda p: real(p)._replace(free=100_000))  # less than 1 MB + the state
+  with pytest.raises(OSError) as e:
+    ck.save(2, state, {'n': 2})
+  code, line = errors.classify(e.value)
+  assert code == 2 and line.startswith('no space left') and ck.directory in line, line
+  ck.wait_until_finished()
+  assert ck.all_steps() == [1] and sorted(os.listdir(ck.directory)) == ['1']  # nothing partial
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', real)
+  assert ck.save(2, state, {'n': 2})  # space again: saves
+  ck.close()
+
+
 def test_async_save_then_wait(tmp_path):
   state = _state(shape=(256, 512))
   ck = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3, async_save=True)

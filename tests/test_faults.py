@@ -206,6 +206,14 @@ def test_one_error_line_classifies_project_and_library_errors():
   assert errors.classify(errors.Failure('x'))[0] == 2
   assert errors.classify(train.NonFiniteLossError('nan'))[0] == 3
   assert errors.classify(OSError(28, 'No space left on device', '/w/ckpt'))[0] == 2
+  # tensorstore (orbax's writer) says it in a ValueError; wrapped once more here
+  store = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/2.orbax-'
+                     'checkpoint-tmp/_sharding": Failed to write 13146 bytes to file 16: No space '
+                     "left on device [os_error_code='28']")
+  wrapped = RuntimeError('commit failed')
+  wrapped.__cause__ = store
+  code, line = errors.classify(wrapped)
+  assert code == 2 and line.startswith('no space left') and '/w/checkpoints/2' in line, line
   try:
     train.check_loop_fields(_with(keep_checkpoints=0))
   except Exception as e:  # pylint: disable=broad-except
@@ -281,4 +289,10 @@ def test_full_disk_is_one_line_and_keeps_checkpoints(tmp_path, tfds_dir):
   rec = faults.full_disk(str(tmp_path), tfds_dir)
   if 'skipped' in rec:
     pytest.skip(rec['skipped'])
+  assert rec['ok'], rec
+
+
+@pytest.mark.slow  # three two-process runs
+def test_a_lost_peer_is_one_line_and_the_rerun_resumes_bit_identical(tmp_path, tfds_dir):
+  rec = faults.peer_loss(str(tmp_path), tfds_dir, victims=(1,))
   assert rec['ok'], rec
