@@ -126,6 +126,31 @@ def test_span_corruption_batches_reconstruct_austen(data_dir):
   assert checked >= 16
 
 
+def test_t5_init_scheme_scales_by_fan_in():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.models.transformer import build_model, dummy_inputs  # pylint: disable=g-import-not-at-top
+  for scheme in ('t5', 'normal'):
+    c = t5_preset.get_config('tiny')
+    c.model.init_scheme = scheme
+    cfg = ModelConfig.from_dict(c.model)
+    d, f, h, k = cfg.d_model, cfg.hidden_dim, cfg.num_heads, cfg.head_width
+    params = nn.meta.unbox(jax.jit(build_model(cfg).init)(jax.random.key(0),
+                                                          **dummy_inputs(cfg, 1, 8)))
+    flat = traverse_util.flatten_dict(params['params'], sep='/')
+    t5_std = {'tokens/embedding': 1.0, 'encoder/layers/self_attention/query_kernel': (d * k) ** -0.5,
+              'encoder/layers/self_attention/key_kernel': d ** -0.5,
+              'encoder/layers/self_attention/value_kernel': d ** -0.5,
+              'encoder/layers/self_attention/out_kernel': (h * k) ** -0.5,
+              'decoder/layers/cross_attention/query_kernel': (d * k) ** -0.5,
+              'encoder/layers/mlp/wi/kernel': d ** -0.5, 'decoder/layers/mlp/wo/kernel': f ** -0.5,
+              'encoder_relative_bias/embedding': d ** -0.5}
+    for name, std in t5_std.items():
+      want = std if scheme == 't5' else 0.02
+      assert abs(np.std(flat[name]) / want - 1) < 0.15, (scheme, name, np.std(flat[name]), want)
+
+
 # --- XLM: translation LM, alternating steps -------------------------------------------------------
 
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lab.models.config import ModelConfig
-from flaxformer_lab.models.layers import constrain, default_kernel_init, dtype_of, param_with_axes
+from flaxformer_lab.models.layers import constrain, default_kernel_init, dtype_of, normal_init
+from flaxformer_lab.models.layers import param_with_axes
 from flaxformer_lab.models.positions import apply_rope
 
 NEG_INF = -1e10  # finite: a fully masked row gives a uniform softmax instead of NaN
@@ -127,7 +128,8 @@ class Attention(nn.Module):
 
   def _proj(self, name, x, heads, axes):
     cfg = self.cfg
-    kernel = param_with_axes(self, f'{name}_kernel', default_kernel_init,
+    fan_in = x.shape[-1] * (cfg.head_width if name == 'query' else 1)  # T5 folds 1/sqrt(d_kv)
+    kernel = param_with_axes(self, f'{name}_kernel', normal_init(cfg, fan_in),
                              (x.shape[-1], heads, cfg.head_width), ('embed',) + axes)
     y = jnp.einsum('bld,dhk->blhk', x, kernel.astype(x.dtype))
     if cfg.qkv_bias:
@@ -206,7 +208,7 @@ class Attention(nn.Module):
                               scale=scale, implementation=cfg.attention_backend)
     out = constrain(out, ('activation_batch', 'activation_length', 'activation_heads',
                           'activation_kv'))
-    kernel = param_with_axes(self, 'out_kernel', default_kernel_init,
+    kernel = param_with_axes(self, 'out_kernel', normal_init(cfg, cfg.num_heads * cfg.head_width),
                              (cfg.num_heads, cfg.head_width, x_BxTxD.shape[-1]),
                              ('heads', 'kv', 'embed'))
     y = jnp.einsum('blhk,hkd->bld', out.astype(dtype), kernel.astype(dtype))

@@ -28,7 +28,7 @@ import jax
 
 from flaxformer_lab.models.attention import Attention
 from flaxformer_lab.models.config import ModelConfig
-from flaxformer_lab.models.layers import Mlp, Norm, constrain, default_kernel_init
+from flaxformer_lab.models.layers import Mlp, Norm, constrain, default_kernel_init, normal_init
 from flaxformer_lab.models.positions import RelativePositionBias
 
 
@@ -95,7 +95,7 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, aux: dict[str, Any]):
     cfg = self.cfg
     alpha, beta = 1.0, 1.0
-    attn_cls, mlp_init = Attention, default_kernel_init
+    attn_cls, mlp_init = Attention, None  # None: the Mlp's own init (layers.normal_init)
     if cfg.norm_position == 'deepnorm':
       alpha, beta = deepnorm_constants(cfg, self.has_cross)
       attn_cls = lambda *a, **k: _DeepNormAttention(*a, beta=beta, **k)
@@ -104,6 +104,7 @@ class Block(nn.Module):
     if cfg.position == 'relative_bias' and not cfg.relative_bias_shared:
       bias = RelativePositionBias(cfg.relative_num_buckets, cfg.relative_max_distance,
                                   cfg.num_heads, bidirectional=not self.causal,
+                                  init=normal_init(cfg, cfg.d_model),
                                   name='relative_bias')(aux['positions'], aux['key_positions'])
     self_attn = attn_cls(cfg, use_rope=cfg.position == 'rope', deterministic=self.deterministic,
                          decode=self.decode, name='self_attention')

@@ -21,6 +21,7 @@ POOLINGS = ('first', 'mean', 'last')
 ATTENTION_BACKENDS = ('einsum', 'xla', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention_out')
 DTYPES = ('float32', 'bfloat16', 'float16')
+INIT_SCHEMES = ('normal', 't5')
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,12 @@ class ModelConfig:
   # --- precision -----------------------------------------------------------------------------------
   dtype: str = 'float32'  # computation dtype (parameters stay float32)
 
+  # --- initialization ------------------------------------------------------------------------------
+  # normal: every kernel and table N(0, 0.02) (BERT, GPT-2); t5: Mesh TensorFlow T5's, std
+  # fan_in^-0.5 (query (d_model * head_dim)^-0.5, the folded attention scale), token tables and an
+  # untied output std 1, relative position bias d_model^-0.5 (layers.normal_init)
+  init_scheme: str = 'normal'
+
   # ------------------------------------------------------------------------------------------------
   @property
   def kv_heads(self) -> int:
@@ -198,6 +205,7 @@ class ModelConfig:
     choice('attention_backend', ATTENTION_BACKENDS)
     choice('remat_policy', REMAT_POLICIES)
     choice('dtype', DTYPES)
+    choice('init_scheme', INIT_SCHEMES)
     choice('head_activation', ACTIVATIONS[:5])
     choice('sinusoidal_layout', ('interleaved', 'concat'))
     choice('classifier_activation', ('tanh', 'relu', 'gelu'))

@@ -7,7 +7,10 @@ Order of operations, which covers the whole family tree:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flaxformer_lab.models.config import ModelConfig
@@ -19,9 +22,10 @@ class TokenTable(nn.Module):
   """A [V, E] table used for lookup and, when tied, as the output projection."""
   vocab_size: int
   features: int
+  init: Callable[..., jax.Array] = nn.initializers.normal(0.02)
 
   def setup(self):
-    self.embedding = param_with_axes(self, 'embedding', nn.initializers.normal(0.02),
+    self.embedding = param_with_axes(self, 'embedding', self.init,
                                      (self.vocab_size, self.features), ('vocab', 'embed'))
 
   def __call__(self, ids_BxL):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flaxformer_lab.models.config import ModelConfig
 from flaxformer_lab.models.embedding import TokenTable
 from flaxformer_lab.models.layers import Dense, Norm, activation_fn, constrain, dtype_of
+from flaxformer_lab.models.layers import normal_init
 from flaxformer_lab.models.layers import param_with_axes
 
 
@@ -51,7 +52,8 @@ class LMHead(nn.Module):
         h = Dense(cfg.embed_dim, ('embed', 'factor_embed'), True, dtype, name='projection')(h)
       logits = self.tokens.attend(h, dtype)
     else:
-      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), False, dtype, name='output')(hidden_BxLxD)
+      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), False, dtype, normal_init(cfg),
+                     name='output')(hidden_BxLxD)
     if cfg.logits_bias:
       logits = logits + param_with_axes(self, 'bias', nn.initializers.zeros, (cfg.vocab_size,),
                                         ('vocab',)).astype(dtype)

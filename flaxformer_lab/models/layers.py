@@ -22,6 +22,14 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def normal_init(cfg: ModelConfig, fan_in: int = 0) -> Initializer:
+  """The normal initializer of a parameter under `cfg.init_scheme`: N(0, 0.02) ('normal'), or
+  N(0, fan_in^-0.5) ('t5'; fan_in 0 = a token table or untied output, std 1)."""
+  if cfg.init_scheme == 't5':
+    return nn.initializers.normal(stddev=fan_in ** -0.5 if fan_in else 1.0)
+  return default_kernel_init
+
+
 def dtype_of(cfg: ModelConfig):
   return jnp.dtype(cfg.dtype)
 
@@ -101,14 +109,14 @@ class Mlp(nn.Module):
   """Position-wise feed-forward: D -> F -> D, optionally gated (GLU variants)."""
   cfg: ModelConfig
   deterministic: bool = True
-  kernel_init: Initializer = default_kernel_init  # of wi, wi_gate and wo (DeepNorm scales it)
+  kernel_init: Initializer | None = None  # of wi, wi_gate and wo (None: `normal_init` by fan-in)
 
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     dtype = dtype_of(cfg)
     act = activation_fn(cfg.activation)
-    init = self.kernel_init
+    init = self.kernel_init or normal_init(cfg, x_BxLxD.shape[-1])
     h_BxLxF = Dense(cfg.hidden_dim, ('embed', 'mlp'), cfg.mlp_bias, dtype, init,
                     name='wi')(x_BxLxD)
     h_BxLxF = act(h_BxLxF)
@@ -117,5 +125,5 @@ class Mlp(nn.Module):
                                 name='wi_gate')(x_BxLxD)
     h_BxLxF = constrain(h_BxLxF, ('activation_batch', 'activation_length', 'activation_mlp'))
     h_BxLxF = nn.Dropout(cfg.dropout_rate)(h_BxLxF, deterministic=self.deterministic)
-    return Dense(x_BxLxD.shape[-1], ('mlp', 'embed'), cfg.mlp_bias, dtype, init,
-                 name='wo')(h_BxLxF)
+    return Dense(x_BxLxD.shape[-1], ('mlp', 'embed'), cfg.mlp_bias, dtype,
+                 self.kernel_init or normal_init(cfg, cfg.hidden_dim), name='wo')(h_BxLxF)

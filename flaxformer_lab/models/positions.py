@@ -7,6 +7,7 @@ segment) and incremental decoding (positions continue from the cache) need no sp
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -90,10 +91,11 @@ class RelativePositionBias(nn.Module):
   max_distance: int
   num_heads: int
   bidirectional: bool
+  init: Callable[..., jax.Array] = nn.initializers.normal(0.02)  # of the [buckets, heads] table
 
   @nn.compact
   def __call__(self, q_positions_BxT, k_positions_BxS):
-    table = param_with_axes(self, 'embedding', nn.initializers.normal(0.02),
+    table = param_with_axes(self, 'embedding', self.init,
                             (self.num_buckets, self.num_heads), ('relpos_buckets', 'heads'))
     rel_BxTxS = k_positions_BxS[:, None, :] - q_positions_BxT[:, :, None]
     buckets = t5_relative_bucket(rel_BxTxS, self.bidirectional, self.num_buckets,

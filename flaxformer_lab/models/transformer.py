@@ -21,6 +21,7 @@ from flaxformer_lab.models import heads as heads_lib
 from flaxformer_lab.models.attention import AttentionMask
 from flaxformer_lab.models.config import ModelConfig
 from flaxformer_lab.models.embedding import Embeddings, TokenTable
+from flaxformer_lab.models.layers import normal_init
 from flaxformer_lab.models.positions import RelativePositionBias, alibi_bias
 from flaxformer_lab.models.positions import positions_from_segments
 from flaxformer_lab.models.stack import Stack
@@ -66,9 +67,9 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.tokens = TokenTable(cfg.vocab_size, cfg.embed_dim)
+    self.tokens = TokenTable(cfg.vocab_size, cfg.embed_dim, normal_init(cfg))
     if cfg.family == 'encoder_decoder' and not cfg.share_encoder_decoder_embeddings:
-      self.decoder_tokens = TokenTable(cfg.vocab_size, cfg.embed_dim)
+      self.decoder_tokens = TokenTable(cfg.vocab_size, cfg.embed_dim, normal_init(cfg))
       dec_tokens = self.decoder_tokens
     else:
       dec_tokens = self.tokens
@@ -77,7 +78,8 @@ class Transformer(nn.Module):
       self.encoder = Stack(cfg, cfg.num_layers, causal=False, deterministic=self.deterministic)
       if cfg.position == 'relative_bias' and cfg.relative_bias_shared:
         self.encoder_relative_bias = RelativePositionBias(
-            cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads, True)
+            cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads, True,
+            normal_init(cfg, cfg.d_model))
     if cfg.family in ('decoder', 'encoder_decoder'):
       n = cfg.num_layers if cfg.family == 'decoder' else cfg.decoder_layers
       self.decoder_embeddings = Embeddings(cfg, dec_tokens, self.deterministic)
@@ -87,7 +89,7 @@ class Transformer(nn.Module):
       if cfg.position == 'relative_bias' and cfg.relative_bias_shared:
         self.decoder_relative_bias = RelativePositionBias(
             cfg.relative_num_buckets, cfg.relative_max_distance, cfg.decoder_stack.num_heads,
-            False)
+            False, normal_init(cfg, cfg.d_model))
     if cfg.pooler:
       self.pooler = heads_lib.Pooler(cfg)
     head = cfg.head
