@@ -293,7 +293,8 @@ def test_bible_builder_counts_and_alignment(data_dir):
 @needs_data
 def test_language_sampling_follows_the_formula(data_dir):
   d = _config('xlmr', data_dir).data
-  split = sources.open_source(d).split('train')
+  source = sources.open_source(d)
+  split = source.split('train')
   columns = sources.multilingual_columns(d)
   n = {}
   for name, lang in columns:  # the examples of each language, counted from the builders
@@ -313,6 +314,8 @@ def test_language_sampling_follows_the_formula(data_dir):
   sigma = np.sqrt(np.asarray(expected) * (1 - np.asarray(expected)) / draws)
   assert (np.abs(freq - expected) < 4.5 * sigma).all(), (freq, expected)
   assert {split[k]['lang'] for k in range(50)} == set(split.languages)  # the examples follow
+  # The tokenizer trains on one epoch's worth of draws of the endless split.
+  assert sum(1 for _ in source.texts('train', ('text',))()) == split.epoch_size == total
   with pytest.raises(ValueError, match='corpora'):
     sources.multilingual_columns(common.data_config(name='multilingual', corpora='multi30k.es'))
 

@@ -130,9 +130,12 @@ class Source:
     sampled split gives one epoch's worth of draws (`epoch_size`)."""
     def gen():
       examples = self.split(split)
-      for i in range(getattr(examples, 'epoch_size', len(examples))):
+      if hasattr(examples, 'epoch_size'):  # endless: one epoch's worth of draws, by index
+        sampled = examples
+        examples = (sampled[i] for i in range(sampled.epoch_size))
+      for example in examples:  # a prepared split reads in bulk
         for f in fields:
-          yield examples[i][f]
+          yield example[f]
     return gen
 
 
