@@ -79,7 +79,10 @@ def get_config(arg=None):
       norm_position='pre',
       position='learned',  # swept
       max_len=4 * L,  # the table extension: rows L..4L-1 of a learned table are never trained
-      relative_max_distance=max(L // 2, 16),  # T5 bias: the last bucket (all longer offsets) trained
+      # T5 bias: L/2 puts every offset >= ~L/2 (all the longer ones too) in the last bucket, which
+      # training reaches; it must exceed the 16 exact buckets (causal, 32 buckets): a max_distance
+      # of 16 gives NaN buckets for offsets >= 16 (log(16/16) = 0 in the bucket formula)
+      relative_max_distance=max(L // 2, 32),
       activation='gelu',
       dropout_rate=0.0, attention_dropout_rate=0.0,
   )
