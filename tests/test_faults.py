@@ -56,7 +56,7 @@ def test_the_one_line_check_sees_what_the_terminal_shows():
   assert faults.one_error_line('warning: y\nerror: x\n') is None
   assert faults.one_error_line('Traceback (most recent call last):\n  ...\nerror: x\n') is None
   assert faults.one_error_line('loading 50%\r           \rerror: x\n') == 'error: x'
-  assert faults.one_error_line('loading 50%\rerror: x\n') is None  # 'error: x50%' stays shown
+  assert faults.one_error_line('loading 50%\rerror: x\n') == 'error: x50%'  # as shown
   assert faults.one_error_line('error: x\nerror: y\n') is None
   assert faults.one_error_line('') is None
 
