@@ -383,13 +383,18 @@ def make_train_step(config, setup: Setup, objective: Optional[Objective] = None)
 
 
 def source_tokenizer(config):
-  """The tokenizer of the run or checkpoint `config.init_from` starts from (the ids its
-  embeddings were trained with), or None when it has none or there is no init_from."""
-  if not config.init_from:
+  """The tokenizer of `config.data.tokenizer_from` (a run directory or hf:<dir> whose tokenizer
+  this run reuses), else of the run or checkpoint `config.init_from` starts from (the ids its
+  embeddings were trained with); None when neither is set or has one."""
+  source = config.data.get('tokenizer_from', '') or config.init_from
+  if not source:
     return None
-  tok = rundir.source_tokenizer(config.init_from)
+  tok = rundir.source_tokenizer(source)
+  if tok is None and source == config.data.get('tokenizer_from', ''):
+    raise rundir.RunDirError(f'config.data.tokenizer_from={source} holds no tokenizer; point it '
+                             'at a run directory with tokenizer/ or an hf:<dir> with one')
   if tok is not None:
-    _say(f'tokenizer: {tok.kind} ({tok.vocab_size} ids) of init_from {config.init_from}')
+    _say(f'tokenizer: {tok.kind} ({tok.vocab_size} ids) of {source}')
   return tok
 
 

@@ -223,3 +223,11 @@ def test_fine_tuning_drops_the_pretraining_head(tmp_path, monkeypatch):
   assert tok.kind == src_tok.kind == 'char'
   text = 'a gripping , funny movie .'
   assert tok.encode(text) == src_tok.encode(text)
+  # data.tokenizer_from reuses a run's tokenizer without its weights (a from-scratch baseline
+  # with the same ids); a directory without one is refused.
+  scratch = ft.copy_and_resolve_references()
+  scratch.init_from, scratch.data.tokenizer_from = '', str(tmp_path / 'pre')
+  assert train.source_tokenizer(scratch).encode(text) == src_tok.encode(text)
+  scratch.data.tokenizer_from = str(tmp_path / 'nothing')
+  with pytest.raises(rundir.RunDirError, match='holds no tokenizer'):
+    train.source_tokenizer(scratch)

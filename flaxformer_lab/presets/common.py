@@ -78,6 +78,7 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   d.tokenizer = 'byte'  # byte | char | sentencepiece | wordpiece (BERT) | bpe (byte-level, RoBERTa)
   d.sp_vocab_size = 8000  # SentencePiece vocabulary size (trained on the training split, cached)
   d.tokenizer_vocab_size = 0  # vocabulary of a trained sentencepiece / wordpiece / bpe (0 = sp_vocab_size)
+  d.tokenizer_from = ''  # reuse the tokenizer of a run dir or hf:<dir> ('' = init_from's, else train)
   d.sp_model_type = 'unigram'  # unigram | bpe
   d.source_lang = 'de'  # translation source (multi30k: en | de | fr)
   d.target_lang = 'en'  # translation target
