@@ -4,7 +4,13 @@
 entries the config does not name (every objective: `eval`, metrics on the eval split). Types:
 
   metrics            the objective's metrics (loss, accuracy, perplexity, ...) on `split`;
-                     `seq_len` > 0 evaluates at another length than training (a second pipeline)
+                     `seq_len` > 0 evaluates at another length than training (a second pipeline,
+                     built once): an LM stream split (tiny_shakespeare) is re-cut into
+                     ceil((N - 1) / seq_len) non-overlapping windows, so every length scores the
+                     same N - 1 targets when max_batches = 0 (max_batches = T / (batch x seq_len)
+                     keeps the first T); a learned or sinusoidal table must hold seq_len rows
+                     (model.max_len; rows past the training length stay untrained), the other
+                     schemes take any length (experiments/position_extrapolation)
   bleu               sacreBLEU of greedy or beam decoding on `split` (encoder_decoder)
   samples            a decoded sample from `prompt`, written to the log (decoder, encoder_decoder)
   teacher_agreement  distillation: how often the student's prediction equals the teacher's, and
