@@ -391,9 +391,7 @@ def test_bad_recipe_settings_are_one_line_config_errors(key, value, match):
   assert '\n' not in str(e.value)
 
 
-@pytest.mark.parametrize('family', [
-    'bert', pytest.param('roberta', marks=pytest.mark.slow),  # ~25-40 s each on 2 shared cores
-    pytest.param('albert', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('family', ['bert', 'roberta', 'albert'])  # ~15-40 s each
 def test_pretrain_tiny_loss_falls(family, data_dir, tmp_path):
   """25 steps of each CPU recipe: the training loss falls; the workdir's tokenizer is the one
   the data was made with (same ids)."""

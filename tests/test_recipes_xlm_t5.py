@@ -334,8 +334,8 @@ def _train_losses(c, workdir, steps):
 @needs_data
 @pytest.mark.parametrize('family,steps,drop', [
     ('xlm', 30, 0.5),  # about 25 s on 2 shared cores
-    pytest.param('t5', 30, 0.5, marks=pytest.mark.slow),  # about 40 s
-    pytest.param('xlmr', 30, 0.5, marks=pytest.mark.slow),  # about 45 s (trains SentencePiece)
+    ('t5', 30, 0.5),  # about 40 s
+    ('xlmr', 30, 0.5),  # about 45 s (trains SentencePiece)
 ])
 def test_pretrain_tiny_loss_falls(family, steps, drop, data_dir, tmp_path):
   c = _config(family, data_dir, max_examples=2000)
