@@ -485,6 +485,9 @@ def test_computation_dtype_bfloat16_keeps_float32_params():
     (dict(family='encoder_decoder', head='seq2seq_lm', d_model=32, decoder_num_heads=3),
      'decoder_num_heads=3'),
     (dict(family='encoder_decoder', head='seq2seq_lm', decoder_mlp_dim=-1), 'decoder_mlp_dim'),
+    # T5 bucketing divides by log(max_distance / exact buckets): equal gives NaN biases.
+    (dict(position='relative_bias', relative_num_buckets=32, relative_max_distance=16),
+     'relative_max_distance=16'),
 ])
 def test_impossible_configs_are_rejected(bad, message):
   with pytest.raises(ConfigError, match=message):

@@ -244,6 +244,15 @@ class ModelConfig:
           f'{self.num_kv_heads}; grouped-query attention needs whole groups')
     if self.position == 'rope' and self.head_width % 2:
       raise ConfigError(f'rope needs an even head width, got {self.head_width}')
+    if self.position == 'relative_bias' and (
+        self.relative_num_buckets < 4
+        or self.relative_max_distance <= self.relative_num_buckets // 2):
+      # The causal bucketing keeps num_buckets // 2 exact offsets and spaces the rest
+      # logarithmically up to max_distance: log(max_distance / max_exact) must be > 0.
+      raise ConfigError(
+          f'model.relative_max_distance={self.relative_max_distance} must exceed half of '
+          f'model.relative_num_buckets={self.relative_num_buckets} (the exact buckets), and '
+          'relative_num_buckets must be >= 4')
     if self.scan_unroll < 1:
       raise ConfigError(f'model.scan_unroll must be >= 1, got {self.scan_unroll}')
     if self.share_layers:
