@@ -603,6 +603,7 @@ def kill_trial(rng: random.Random, workdir: str, args: Sequence[str], tfds_dir: 
   sent_at = time.time()
   _, err = proc.communicate(timeout=300)
   exit_after = time.time() - sent_at
+  ran_s = time.time() - sent_at + delay
   had = steps_of(workdir)
   problems = []
   if sig == signal.SIGTERM and sent and proc.returncode not in (0, -signal.SIGTERM):
@@ -617,6 +618,7 @@ def kill_trial(rng: random.Random, workdir: str, args: Sequence[str], tfds_dir: 
     if logged_steps(workdir) != ref_steps:
       problems.append(f'metrics.jsonl steps {logged_steps(workdir)} vs {ref_steps}')
   return {'signal': signal.Signals(sig).name, 'delay_s': round(delay, 2), 'sent': sent,
+          'ran_s': round(ran_s, 1),
           'exit': proc.returncode, 'exit_after_s': round(exit_after, 2),
           'checkpoints_after_signal': had, 'ok': not problems, 'why': '; '.join(problems)}
 
@@ -632,10 +634,17 @@ def run_kills(tmp: str, tfds_dir: str, kills: int, terms: int, seed: int = 0,
   reference = checkpoint_contents(ref_dir)
   ref_steps = logged_steps(ref_dir)
   trials = []
+  # A run that ends before its signal (the machine got faster than the reference run) is no
+  # trial: the window shrinks to that run's length and the trial is drawn again (3 tries each).
   for i in range(kills + terms):
     sig = signal.SIGKILL if i < kills else signal.SIGTERM
-    trials.append(kill_trial(rng, os.path.join(tmp, f'kill{i}'), args, tfds_dir, reference,
-                             ref_steps, sig, window))
+    for attempt in range(3):
+      t = kill_trial(rng, os.path.join(tmp, f'kill{i}_{attempt}'), args, tfds_dir, reference,
+                     ref_steps, sig, window)
+      trials.append(t)
+      if t['sent']:
+        break
+      window = min(window, t['ran_s'])
   return {'window_s': round(window, 1), 'trials': trials}
 
 
@@ -946,13 +955,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       for t in rec['trials']:
         if not t['ok']:
           print(f'[kill] FAIL {t}')
-      print(f'[kill] {sum(t["signal"] == "SIGKILL" and t["ok"] for t in rec["trials"])} of '
-            f'{kills} SIGKILLs and {sum(t["signal"] == "SIGTERM" and t["ok"] for t in rec["trials"])}'
-            f' of {terms} SIGTERMs (random moments in the first {rec["window_s"]} s) resumed '
-            'bit-identical (params, optimizer state, step, data position; metrics once per step)',
-            flush=True)
+
+      def count(name):
+        sent = [t for t in rec['trials'] if t['signal'] == name and t['sent']]
+        late = sum(t['signal'] == name and not t['sent'] for t in rec['trials'])
+        return (f'{sum(t["ok"] for t in sent)} of {len(sent)} {name}s sent mid-run ('
+                f'{sum(not t["checkpoints_after_signal"] for t in sent)} before the first '
+                f'checkpoint; {late} drawn after the run had ended, not counted)')
+      print(f'[kill] {count("SIGKILL")} and {count("SIGTERM")} resumed bit-identical (params, '
+            'optimizer state, step, data position; metrics once per step)', flush=True)
       results['kills'] = rec
-      ok &= len(good) == len(rec['trials'])
+      sent_ok = [t for t in rec['trials'] if t['sent']]
+      ok &= len(good) == len(rec['trials']) and len(sent_ok) == kills + terms
     if 'peer' in parts:
       rec = peer_loss(tmp, tfds_dir, victims=(0, 1) if a.full else (0,))
       for t in rec['trials']:
