@@ -283,6 +283,8 @@ def test_kills_at_random_moments_resume_bit_identical(tmp_path, tfds_dir):
   rec = faults.run_kills(str(tmp_path), tfds_dir, kills=2, terms=1, seed=1, num_steps=8)
   bad = [t for t in rec['trials'] if not t['ok']]
   assert not bad, bad
+  sent = [t['signal'] for t in rec['trials'] if t['sent']]
+  assert sent == ['SIGKILL', 'SIGKILL', 'SIGTERM'], rec['trials']  # each landed mid-run
 
 
 @pytest.mark.slow
