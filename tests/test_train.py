@@ -50,7 +50,6 @@ def losses(workdir):
   return {r['step']: r['train/loss'] for r in recs if 'train/loss' in r}
 
 
-@pytest.mark.slow  # three runs, one of two processes: minutes on 2 shared cores
 def test_one_device_mesh_and_two_processes_agree(tmp_path, tfds_dir):
   one = run_main(TINY_LM, tmp_path / 'one', tfds_dir)
   assert one.returncode == 0, one.stderr[-3000:]
