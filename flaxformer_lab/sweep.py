@@ -41,7 +41,8 @@ _PARALLEL = flags.DEFINE_integer(
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands / job specs; run nothing.')
 _STATUS = flags.DEFINE_bool('status', False, 'Print the status table and exit.')
 _SUMMARIZE = flags.DEFINE_bool('summarize', False, 'Write and print the results and exit.')
-_METRIC = flags.DEFINE_string('metric', 'eval/loss', 'Metric of the summary (lowest is best).')
+_METRIC = flags.DEFINE_string('metric', 'eval/loss', 'Metric of the summary (best: highest for '
+                              'accuracy, BLEU and agreement metrics, else lowest).')
 # SLURM (submitit).
 _SLURM_PARTITION = flags.DEFINE_string('slurm_partition', '', 'SLURM partition.')
 _SLURM_ACCOUNT = flags.DEFINE_string('slurm_account', '', 'SLURM account.')

@@ -189,6 +189,15 @@ def test_summary_equals_each_runs_metrics(reference):
     assert int(row['seed']) == run.overrides['seed'] and int(row['steps']) == 300
     assert row['diverged'] == 'False' and row['status'] == 'done'
     assert float(row['wall_s']) > 0 and float(row['tokens_per_s']) > 0
+  # Accuracy-like metrics are best when highest.
+  from flaxformer_lab.sweeps import results as results_lib  # pylint: disable=g-import-not-at-top
+  for row, run in zip(results_lib.summary_rows(sweep, 'eval/accuracy'), sweep.runs):
+    accs = [r['eval/accuracy'] for r in metrics_lib.read_metrics(run.workdir)
+            if 'eval/accuracy' in r]
+    assert row['best_eval/accuracy'] == pytest.approx(max(accs))
+  assert [results_lib.higher_is_better(m) for m in
+          ('eval/accuracy', 'eval/bleu', 'eval/teacher_agreement', 'eval/loss', 'eval/perplexity')
+          ] == [True, True, True, False, False]
   assert rows[0]['run'] in summ.stdout and '| final_eval/loss' in summ.stdout  # the markdown table
   assert (workdir / 'results.md').read_text().count('\n| norm_position=') == 4
   for png in ('loss_curves.png', 'final_eval_loss_vs_seed.png'):

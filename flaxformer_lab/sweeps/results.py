@@ -59,6 +59,14 @@ def _coordinate_columns(sweep: Sweep) -> dict[str, str]:
   return short_keys(sweep.swept_keys)
 
 
+# Metric names whose best value is the largest (accuracy, BLEU, agreement); others: the smallest.
+_HIGHER_IS_BETTER = ('accuracy', 'bleu', 'agreement', 'tokens_per_s')
+
+
+def higher_is_better(metric: str) -> bool:
+  return any(word in metric.rsplit('/', 1)[-1] for word in _HIGHER_IS_BETTER)
+
+
 def summary_rows(sweep: Sweep, metric: str = 'eval/loss') -> list[dict[str, Any]]:
   cols = _coordinate_columns(sweep)
   rows = []
@@ -76,7 +84,8 @@ def summary_rows(sweep: Sweep, metric: str = 'eval/loss') -> list[dict[str, Any]
     _, vals = metrics_lib.series(records, metric)
     finite = vals[np.isfinite(vals)]
     row[f'final_{metric}'] = float(vals[-1]) if vals.size else None
-    row[f'best_{metric}'] = float(finite.min()) if finite.size else None
+    best = finite.max() if higher_is_better(metric) else finite.min()
+    row[f'best_{metric}'] = float(best) if finite.size else None
     _, train = metrics_lib.series(records, 'train/loss')
     row['final_train/loss'] = float(train[-1]) if train.size else None
     row['diverged'] = st.status == 'diverged'
