@@ -78,7 +78,9 @@ def validate(optim_config) -> None:
     ]
   for name, ok, rule in checks:
     value = o.get(name)
-    if not _number(value) or not ok(value):
+    if not _number(value):
+      raise ValueError(f'config.optim.{name}={value!r} must be a finite number and {rule[5:]}')
+    if not ok(value):
       raise ValueError(f'config.optim.{name}={value!r} {rule}')
 
 

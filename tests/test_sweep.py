@@ -279,7 +279,7 @@ def test_failed_run_is_reported_while_the_others_complete(tfds_dir, tmp_path):
   assert err.startswith('error: 1 run(s) failed: num_heads=3 '), err
   states = {r.name: state_lib.run_state(r.workdir).status
             for r in spec_lib.load(f'{TINY}:failing', str(tmp_path)).runs}
-  assert states == {'num_heads=3': 'failed', 'learning_rate=inf': 'diverged',
+  assert states == {'num_heads=3': 'failed', 'learning_rate=1e+30': 'diverged',
                     'norm_position=pre': 'done'}, states
   assert 'num_heads' in open(tmp_path / 'num_heads=3' / state_lib.LOG_FILE).read()
   status = sweep_cmd([f'--sweep={TINY}:failing', f'--workdir={tmp_path}', '--status'], '')
@@ -287,7 +287,7 @@ def test_failed_run_is_reported_while_the_others_complete(tfds_dir, tmp_path):
   summ = sweep_cmd([f'--sweep={TINY}:failing', f'--workdir={tmp_path}', '--summarize'], '')
   assert summ.returncode == 0, summ.stderr[-2000:]
   rows = {r['run']: r for r in csv.DictReader(open(tmp_path / 'results.csv'))}
-  assert rows['learning_rate=inf']['diverged'] == 'True'
+  assert rows['learning_rate=1e+30']['diverged'] == 'True'
   assert rows['norm_position=pre']['diverged'] == 'False'
 
 
@@ -320,7 +320,7 @@ import json, os, sys
 with open(os.environ['FAKE_GCLOUD_LOG'], 'a') as f:
     f.write(json.dumps(sys.argv[1:]) + '\\n')
 command = [a for a in sys.argv if a.startswith('--command=')]
-sys.exit(3 if command and 'learning_rate=inf' in command[0] else 0)
+sys.exit(3 if command and 'learning_rate=1e+30' in command[0] else 0)
 '''
 
 
@@ -367,7 +367,7 @@ def test_tpu_backend_dry_run_and_fake_gcloud_issue_the_expected_commands(tmp_pat
     assert f'--workdir={run.workdir}' in argv
     assert all(f'--config.{k}={spec_lib.flag_value(v)}' in argv for k, v in run.overrides.items())
   statuses = {r.name: state_lib.read_outcome(r.workdir)['status'] for r in sweep.runs}
-  assert statuses == {'num_heads=3': 'done', 'learning_rate=inf': 'diverged',
+  assert statuses == {'num_heads=3': 'done', 'learning_rate=1e+30': 'diverged',
                       'norm_position=pre': 'done'}  # the fake's exit statuses
   # rerunning skips finished runs: nothing is issued
   out = sweep_cmd(args, '', env=env)

@@ -34,7 +34,7 @@ def get_sweep(arg=None):
     return axis('model.norm_position', ['pre', 'deepnorm'])
   if arg == 'failing':
     return [{'model.num_heads': 3},  # 32 is not divisible by 3: the run exits 2
-            {'optim.learning_rate': float('inf')},  # a non-finite loss: exit 3, diverged
+            {'optim.learning_rate': 1e30},  # finite but huge: a non-finite loss, exit 3, diverged
             {'model.norm_position': 'pre'}]
   if arg == 'badkey':
     return zipped({'model.norm_position': ['pre', 'post'], 'optim.lerning_rate': [1e-3, 1e-2]})

@@ -426,9 +426,15 @@ def prepare(name: str, *, data_dir: str, manual_dir: str | None = None) -> _LabB
   """
   builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir)
   os.makedirs(builder.data_dir_root, exist_ok=True)
-  with open(os.path.join(builder.data_dir_root, f'.{builder.name}.prepare.lock'), 'w') as lock:
+  # Opened without truncating: a prepared data set's files (the lock's mtime included) stay as
+  # they are, so a second prepare changes nothing on disk.
+  lock = os.open(os.path.join(builder.data_dir_root, f'.{builder.name}.prepare.lock'),
+                 os.O_RDWR | os.O_CREAT, 0o644)
+  try:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
     builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir)  # sees a finished build
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  finally:
+    os.close(lock)
   return builder

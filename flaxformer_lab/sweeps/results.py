@@ -84,8 +84,8 @@ def summary_rows(sweep: Sweep, metric: str = 'eval/loss') -> list[dict[str, Any]
     _, vals = metrics_lib.series(records, metric)
     finite = vals[np.isfinite(vals)]
     row[f'final_{metric}'] = float(vals[-1]) if vals.size else None
-    best = finite.max() if higher_is_better(metric) else finite.min()
-    row[f'best_{metric}'] = float(best) if finite.size else None
+    best = (finite.max() if higher_is_better(metric) else finite.min()) if finite.size else None
+    row[f'best_{metric}'] = None if best is None else float(best)
     _, train = metrics_lib.series(records, 'train/loss')
     row['final_train/loss'] = float(train[-1]) if train.size else None
     row['diverged'] = st.status == 'diverged'
