@@ -264,6 +264,15 @@ class Objective:
 _REGISTRY: dict[str, type[Objective]] = {}
 
 
+def paragraph_documents(source: Any, split: str) -> Sequence[Any]:
+  """The documents of `split`: a stream data set's text cut into paragraphs (blank-line
+  separated), any other kind's examples as they are."""
+  examples = source.split(split)
+  if source.spec.kind == 'stream':
+    return [{'text': p} for ex in examples for p in ex['text'].split('\n\n') if p.strip()]
+  return examples
+
+
 def register(cls: type[Objective]) -> type[Objective]:
   """Class decorator: makes `cls` available as `config.task = cls.name`."""
   if not cls.name:

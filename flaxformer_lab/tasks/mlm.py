@@ -114,10 +114,7 @@ class MaskedLanguageModelling(base.Objective):
     return bool(data_config.mlm_pairs)
 
   def documents(self, source, split):
-    examples = source.split(split)
-    if source.spec.kind == 'stream':  # paragraphs of the stream
-      return [{'text': p} for ex in examples for p in ex['text'].split('\n\n') if p.strip()]
-    return examples
+    return base.paragraph_documents(source, split)
 
   def read_documents(self, ctx, source, split):
     """full_sentences: the split's rows (chunk dicts), packed across documents up front."""

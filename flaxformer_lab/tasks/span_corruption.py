@@ -163,10 +163,7 @@ class SpanCorruption(SequenceToSequence):
     return (spec.text_field,)
 
   def documents(self, source, split):
-    examples = source.split(split)
-    if source.spec.kind == 'stream':  # paragraphs of the stream
-      return [{'text': p} for ex in examples for p in ex['text'].split('\n\n') if p.strip()]
-    return examples
+    return base.paragraph_documents(source, split)
 
   def tokenize(self, ctx, index, example):
     """Pieces of `raw_length` tokens (uncorrupted; `random_transform` corrupts them)."""
