@@ -587,23 +587,87 @@ def run_bad_inputs(tmp: str, tfds_dir: str, run_dir: str,
 
 
 # --- kills ----------------------------------------------------------------------------------------
-def kill_trial(rng: random.Random, workdir: str, args: Sequence[str], tfds_dir: str,
-               reference: dict[str, Any], ref_steps: list[int], sig: int, window: float
-               ) -> dict[str, Any]:
-  """Starts the run, sends `sig` at a random moment in [0, window] s, reruns the same command to
-  the end, and compares with the uninterrupted reference."""
-  delay = rng.uniform(0.0, window)
-  proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lab.main', f'--workdir={workdir}',
+MOMENTS = ('random', 'checkpoint_write', 'resume')
+
+
+def _writing(workdir: str) -> bool:
+  """True while orbax is writing a step (its `<step>.orbax-checkpoint-tmp-*` directory exists)."""
+  d = os.path.join(workdir, 'checkpoints')
+  try:
+    return any('.orbax-checkpoint-tmp' in name for name in os.listdir(d))
+  except OSError:
+    return False
+
+
+def _start(workdir: str, args: Sequence[str], tfds_dir: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-m', 'flaxformer_lab.main', f'--workdir={workdir}',
                            *args], env=env_for(tfds_dir), cwd=REPO_ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  time.sleep(delay)
-  sent = proc.poll() is None
-  if sent:
-    proc.send_signal(sig)
+
+
+def _signal_when(proc: subprocess.Popen, sig: int, ready: Callable[[], bool],
+                 timeout: float) -> bool:
+  """Polls `ready()` every 2 ms while the process lives; sends `sig` the moment it holds."""
+  end = time.time() + timeout
+  while proc.poll() is None and time.time() < end:
+    if ready():
+      proc.send_signal(sig)
+      return True
+    time.sleep(0.002)
+  return False
+
+
+def kill_trial(rng: random.Random, workdir: str, args: Sequence[str], tfds_dir: str,
+               reference: dict[str, Any], ref_steps: list[int], sig: int, window: float,
+               moment: str = 'random') -> dict[str, Any]:
+  """Starts the run, sends `sig` at a chosen moment, reruns the same command to the end, and
+  compares with the uninterrupted reference.
+
+  moment: 'random' -- uniformly in [0, window] s after the start; 'checkpoint_write' -- while
+  orbax writes a checkpoint (its tmp directory exists), a random one of the run's saves;
+  'resume' -- the run is first killed once it has a checkpoint, then the resuming process is
+  killed at a random moment of its start-up and restore (in [0, window / 2] s), then resumed.
+  """
+  delay = rng.uniform(0.0, window) if moment == 'random' else 0.0
+  proc = _start(workdir, args, tfds_dir)
+  start = time.time()
+  extra: dict[str, Any] = {}
+  if moment == 'random':
+    time.sleep(delay)
+    sent = proc.poll() is None
+    if sent:
+      proc.send_signal(sig)
+  elif moment == 'checkpoint_write':
+    # Skip a random number of saves (each seen as its tmp directory appearing) before the kill.
+    skip = rng.randrange(0, 3)  # the tiny run saves every 2 of its steps
+    seen, was = 0, False
+
+    def ready() -> bool:
+      nonlocal seen, was
+      now = _writing(workdir)
+      if now and not was:
+        seen += 1
+      was = now
+      return now and seen > skip
+    sent = _signal_when(proc, sig, ready, timeout=300)
+    extra['write_in_progress'] = sent and _writing(workdir)
+  elif moment == 'resume':
+    first = _signal_when(proc, signal.SIGKILL, lambda: bool(steps_of(workdir)), timeout=300)
+    proc.communicate(timeout=300)
+    extra['first_kill_checkpoints'] = steps_of(workdir)
+    delay = rng.uniform(0.0, window / 2)
+    proc = _start(workdir, args, tfds_dir)
+    start = time.time()
+    time.sleep(delay)
+    sent = first and proc.poll() is None
+    if sent:
+      proc.send_signal(sig)
+  else:
+    raise ValueError(f'unknown kill moment {moment!r}: one of {MOMENTS}')
   sent_at = time.time()
   _, err = proc.communicate(timeout=300)
   exit_after = time.time() - sent_at
-  ran_s = time.time() - sent_at + delay
+  ran_s = sent_at - start
   had = steps_of(workdir)
   problems = []
   if sig == signal.SIGTERM and sent and proc.returncode not in (0, -signal.SIGTERM):
@@ -617,14 +681,17 @@ def kill_trial(rng: random.Random, workdir: str, args: Sequence[str], tfds_dir: 
       problems.append(f'not bit-identical: {diff}')
     if logged_steps(workdir) != ref_steps:
       problems.append(f'metrics.jsonl steps {logged_steps(workdir)} vs {ref_steps}')
-  return {'signal': signal.Signals(sig).name, 'delay_s': round(delay, 2), 'sent': sent,
-          'ran_s': round(ran_s, 1),
+  return {'signal': signal.Signals(sig).name, 'moment': moment, 'delay_s': round(delay, 2),
+          'sent': sent, 'ran_s': round(ran_s, 1),
           'exit': proc.returncode, 'exit_after_s': round(exit_after, 2),
-          'checkpoints_after_signal': had, 'ok': not problems, 'why': '; '.join(problems)}
+          'checkpoints_after_signal': had, **extra, 'ok': not problems,
+          'why': '; '.join(problems)}
 
 
 def run_kills(tmp: str, tfds_dir: str, kills: int, terms: int, seed: int = 0,
-              num_steps: int = 12) -> dict[str, Any]:
+              num_steps: int = 12, moments: Sequence[str] = MOMENTS) -> dict[str, Any]:
+  """`kills` SIGKILLs and `terms` SIGTERMs, the moments cycling through `moments` (SIGKILLs) --
+  a random time, during a checkpoint write, during a resume -- and random times (SIGTERMs)."""
   rng = random.Random(seed)
   args = tiny_args(num_steps, checkpoint_every=2, keep_checkpoints=3)
   ref_dir = os.path.join(tmp, 'reference')
@@ -638,13 +705,15 @@ def run_kills(tmp: str, tfds_dir: str, kills: int, terms: int, seed: int = 0,
   # trial: the window shrinks to that run's length and the trial is drawn again (3 tries each).
   for i in range(kills + terms):
     sig = signal.SIGKILL if i < kills else signal.SIGTERM
+    moment = moments[i % len(moments)] if i < kills else 'random'
     for attempt in range(3):
       t = kill_trial(rng, os.path.join(tmp, f'kill{i}_{attempt}'), args, tfds_dir, reference,
-                     ref_steps, sig, window)
+                     ref_steps, sig, window, moment=moment)
       trials.append(t)
       if t['sent']:
         break
-      window = min(window, t['ran_s'])
+      if moment == 'random':
+        window = min(window, t['ran_s'])
   return {'window_s': round(window, 1), 'trials': trials}
 
 
@@ -964,6 +1033,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f'checkpoint; {late} drawn after the run had ended, not counted)')
       print(f'[kill] {count("SIGKILL")} and {count("SIGTERM")} resumed bit-identical (params, '
             'optimizer state, step, data position; metrics once per step)', flush=True)
+      for m in MOMENTS:
+        sent = [t for t in rec['trials'] if t['sent'] and t['moment'] == m]
+        if sent:
+          writes = sum(bool(t.get('write_in_progress')) for t in sent)
+          print(f'[kill]   moment {m}: {sum(t["ok"] for t in sent)} of {len(sent)} resumed '
+                f'bit-identical' + (f' ({writes} with the checkpoint write still in progress '
+                                    'at the signal)' if m == 'checkpoint_write' else ''),
+                flush=True)
       results['kills'] = rec
       sent_ok = [t for t in rec['trials'] if t['sent']]
       ok &= len(good) == len(rec['trials']) and len(sent_ok) == kills + terms

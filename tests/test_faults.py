@@ -287,6 +287,20 @@ def test_kills_at_random_moments_resume_bit_identical(tmp_path, tfds_dir):
   assert sent == ['SIGKILL', 'SIGKILL', 'SIGTERM'], rec['trials']  # each landed mid-run
 
 
+def test_kills_during_a_checkpoint_write_and_during_a_resume_resume_bit_identical(tmp_path,
+                                                                                  tfds_dir):
+  """SIGKILL the moment orbax's tmp directory of a save exists, and SIGKILL a resuming process
+  during its start-up and restore (after a first kill once a checkpoint existed)."""
+  rec = faults.run_kills(str(tmp_path), tfds_dir, kills=2, terms=0, seed=2, num_steps=8,
+                         moments=('checkpoint_write', 'resume'))
+  bad = [t for t in rec['trials'] if not t['ok']]
+  assert not bad, bad
+  sent = [t['moment'] for t in rec['trials'] if t['sent']]
+  assert sent == ['checkpoint_write', 'resume'], rec['trials']
+  resumed = [t for t in rec['trials'] if t['moment'] == 'resume' and t['sent']][0]
+  assert resumed['first_kill_checkpoints'], resumed  # the killed resume had a checkpoint to read
+
+
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_keeps_checkpoints(tmp_path, tfds_dir):
   rec = faults.full_disk(str(tmp_path), tfds_dir)
