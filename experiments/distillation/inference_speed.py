@@ -38,30 +38,40 @@ def _forward(workdir):
   return cfg, params, fn, n
 
 
-def main(argv):
-  del argv
+def measure(workdirs, batch: int = 32, seq_len: int = 128, rounds: int = 7, iters: int = 10):
+  """Per run: layers, parameters, median ms per forward pass and tokens/s, the runs' timed blocks
+  interleaved (`rounds` rounds of `iters` calls each) on one random batch."""
   rng = np.random.default_rng(0)
-  runs = [_forward(w) for w in _RUNS.value]
+  runs = [_forward(w) for w in workdirs]
   vocab = min(cfg.vocab_size for cfg, *_ in runs)
-  ids = jnp.asarray(rng.integers(5, vocab, size=(_BATCH.value, _SEQ.value)), jnp.int32)
+  ids = jnp.asarray(rng.integers(5, vocab, size=(batch, seq_len)), jnp.int32)
   for _, params, fn, _ in runs:
     fn(params, ids).block_until_ready()  # compile
   times = [[] for _ in runs]
-  for _ in range(_ROUNDS.value):
+  for _ in range(rounds):
     for i, (_, params, fn, _) in enumerate(runs):
       start = time.perf_counter()
-      for _ in range(_ITERS.value):
+      for _ in range(iters):
         out = fn(params, ids)
       out.block_until_ready()
-      times[i].append((time.perf_counter() - start) / _ITERS.value)
-  tokens = _BATCH.value * _SEQ.value
-  ref = statistics.median(times[-1])
+      times[i].append((time.perf_counter() - start) / iters)
+  out = []
+  for w, (cfg, _, _, n), t in zip(workdirs, runs, times):
+    med = statistics.median(t)
+    out.append({'run': w, 'layers': cfg.num_layers, 'params': n, 'ms': med * 1e3,
+                'tokens_per_s': batch * seq_len / med})
+  return out
+
+
+def main(argv):
+  del argv
+  rows = measure(_RUNS.value, _BATCH.value, _SEQ.value, _ROUNDS.value, _ITERS.value)
+  ref = rows[-1]['ms']
   print('| run | layers | params | ms / forward | tokens/s | time vs last |')
   print('|---|---:|---:|---:|---:|---:|')
-  for w, (cfg, _, _, n), t in zip(_RUNS.value, runs, times):
-    med = statistics.median(t)
-    print(f'| {w} | {cfg.num_layers} | {n:,} | {med * 1e3:.1f} | {tokens / med:,.0f} | '
-          f'{med / ref:.2f}x |')
+  for r in rows:
+    print(f'| {r["run"]} | {r["layers"]} | {r["params"]:,} | {r["ms"]:.1f} | '
+          f'{r["tokens_per_s"]:,.0f} | {r["ms"] / ref:.2f}x |')
 
 
 if __name__ == '__main__':
