@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import logging
 import os
 import re
 import sys
@@ -187,6 +188,29 @@ def call(main: Callable[[list[str]], Any], argv: Sequence[str],
     sys.argv = saved_argv
 
 
+class _DiskErrorLogFilter(logging.Filter):
+  """Drops libraries' logged tracebacks of a full or read-only disk (orbax logs one per writer
+  thread, hundreds of lines): the same error reaches the main thread, which reports it as one
+  `error:` line (`classify`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.WARNING:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and _disk_error(exc) is not None:
+      return False
+    text = record.getMessage() if 'orbax' in (record.pathname or '') else ''
+    return not any(m in text for marks in _DISK_TEXT.values() for m in marks)
+
+
+def silence_library_disk_errors() -> None:
+  """Installs `_DiskErrorLogFilter` on the loggers the libraries write through (once)."""
+  for name in ('absl', 'orbax', ''):
+    log = logging.getLogger(name)
+    if not any(isinstance(f, _DiskErrorLogFilter) for f in log.filters):
+      log.addFilter(_DiskErrorLogFilter())
+
+
 def quiet_exit(code: int) -> None:
   """Leaves the process with `code`, skipping libraries' exit-time output when code != 0 (the
   peers of a multi-process run are told first, so they stop rather than wait for this one)."""
@@ -216,6 +240,7 @@ def run(main: Callable[[list[str]], Any],
       quiet_exit(code)
 
   def guarded(argv):
+    silence_library_disk_errors()
     try:
       code = int(main(argv) or 0)
     except SystemExit as e:

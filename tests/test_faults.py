@@ -313,3 +313,26 @@ def test_full_disk_is_one_line_and_keeps_checkpoints(tmp_path, tfds_dir):
 def test_a_lost_peer_is_one_line_and_the_rerun_resumes_bit_identical(tmp_path, tfds_dir):
   rec = faults.peer_loss(str(tmp_path), tfds_dir, victims=(1,))
   assert rec['ok'], rec
+
+
+def test_library_disk_error_logs_are_dropped_and_other_errors_kept():
+  """orbax logs a traceback per writer thread when the disk fills during a write; the main thread
+  reports the same error as one line, so those records are dropped, and only those."""
+  import errno
+  import logging
+  flt = errors._DiskErrorLogFilter()  # pylint: disable=protected-access
+
+  def record(msg, exc=None, path='/x/orbax/checkpoint/_src/futures/future.py',
+             level=logging.ERROR):
+    exc_info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord('absl', level, path, 1, msg, (), exc_info)
+
+  full = OSError(errno.ENOSPC, 'No space left on device')
+  wrapped = RuntimeError('write failed')
+  wrapped.__cause__ = full
+  assert not flt.filter(record('raised an exception', full))
+  assert not flt.filter(record('raised an exception', wrapped))
+  assert not flt.filter(record("RESOURCE_EXHAUSTED ... [os_error_code='28']"))
+  assert flt.filter(record('raised an exception', ValueError('a real bug')))
+  assert flt.filter(record('No space left on device', path='/work/flaxformer_lab/train.py'))
+  assert flt.filter(record('step 3 saved', full, level=logging.INFO))
