@@ -39,7 +39,7 @@ from flaxformer_lab.sweeps import zipped
 
 # Per-variant sizes: teacher / student pre-training steps, fine-tuning steps, eval batches.
 VARIANTS = {
-    'default': dict(teacher_steps=600, student_steps=300, finetune_steps=300, eval_batches=16,
+    'default': dict(teacher_steps=600, student_steps=300, finetune_steps=1000, eval_batches=16,
                     warmup=25, layers=4, d_model=64),
     'smoke': dict(teacher_steps=6, student_steps=4, finetune_steps=4, eval_batches=2, warmup=1,
                   layers=4, d_model=64),
