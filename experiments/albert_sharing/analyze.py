@@ -23,6 +23,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from experiments.albert_sharing import config as exp_config  # pylint: disable=wrong-import-position
+from flaxformer_lab.sweeps import results  # pylint: disable=wrong-import-position
 
 # Lan et al. 2020, Tables 3 and 4 (ALBERT base shapes): parameter counts of the four cells. Their
 # accuracy columns are not copied here (not checked against the paper in this session); the text
@@ -33,28 +34,6 @@ PAPER = [
     ('paper: all shared, E=768', '31M'),
     ('paper: all shared, E=128 (ALBERT base)', '12M'),
 ]
-
-
-def last_metric(run_dir: str, key: str):
-  """The last logged value of `key` in a run's metrics.jsonl (None if never logged)."""
-  value = None
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      if key in rec:
-        value = rec[key]
-  return value
-
-
-def finetune_runs(finetune_dir: str) -> dict[str, str]:
-  """Source run directory (init_from, from each run's config.json) -> fine-tuning run."""
-  out = {}
-  for name in sorted(os.listdir(finetune_dir)):
-    path = os.path.join(finetune_dir, name, 'config.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        out[os.path.normpath(json.load(f)['init_from'])] = os.path.join(finetune_dir, name)
-  return out
 
 
 def param_counts(run_dir: str) -> dict[str, int]:
@@ -77,7 +56,7 @@ def param_counts(run_dir: str) -> dict[str, int]:
 
 def collect(pretrain: str, finetune: str) -> dict:
   pre = exp_config.pretrain_runs(pretrain)
-  tuned = finetune_runs(finetune)
+  tuned = results.runs_by_init_from(finetune)
   rows, missing = [], [arm for arm in exp_config.ARMS if arm not in pre]
   for arm, run in pre.items():
     with open(os.path.join(run, 'config.json')) as f:
@@ -89,8 +68,8 @@ def collect(pretrain: str, finetune: str) -> dict:
                  'emb_dim': model.get('emb_dim') or model['d_model'], 'd_model': model['d_model'],
                  'num_layers': model['num_layers'], 'vocab_size': model['vocab_size'],
                  **{f'params_{k}': v for k, v in param_counts(run).items()},
-                 'mlm_loss': last_metric(run, 'eval/mlm_loss'),
-                 'sst2_accuracy': last_metric(ft, 'eval/accuracy') if ft else None})
+                 'mlm_loss': results.last_value(run, 'eval/mlm_loss'),
+                 'sst2_accuracy': results.last_value(ft, 'eval/accuracy') if ft else None})
   return {'rows': rows, 'missing': missing}
 
 

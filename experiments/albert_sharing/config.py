@@ -26,11 +26,9 @@ Arguments (after the colon): stage=pretrain|finetune, pretrained=<sweep dir of s
 size overrides: `:stage=pretrain,steps=100`, `:stage=finetune,pretrained=...,finetune_steps=50`.
 """
 
-import json
-import os
-
 from flaxformer_lab.presets import albert
 from flaxformer_lab.presets import common
+from flaxformer_lab.sweeps import results
 from flaxformer_lab.sweeps import zipped
 
 # Per-variant sizes: body, factorized E, pre-training / fine-tuning steps, eval batches.
@@ -53,16 +51,10 @@ ARMS = {
 
 
 def _arg(arg):
-  a = common.parse_arg(arg, variant='default', stage='pretrain', pretrained='', steps=0,
-                       finetune_steps=0, seed=0)
-  if a.variant not in VARIANTS:
-    raise ValueError(f'unknown albert_sharing variant {a.variant!r}; choose from '
-                     f'{", ".join(VARIANTS)}')
-  if a.stage not in STAGES:
-    raise ValueError(f'unknown stage {a.stage!r}; choose from {", ".join(STAGES)}')
-  if a.stage == 'finetune' and not a.pretrained:
-    raise ValueError('stage=finetune needs the pre-training sweep: add ,pretrained=<sweep dir>')
-  return a, dict(VARIANTS[a.variant])
+  return common.parse_stage_arg(
+      arg, name='albert_sharing', variants=VARIANTS, stages=STAGES,
+      needs=((('finetune',), 'pretrained', 'the pre-training sweep directory'),),
+      pretrained='', steps=0, finetune_steps=0, seed=0)
 
 
 def arm_overrides(v) -> list[dict]:
@@ -99,13 +91,8 @@ def get_config(arg=None):
     c.num_steps = a.finetune_steps or v['finetune_steps']
     c.optim.learning_rate = 1e-3  # a tiny body: the rate of experiments/finetune_from_pretraining
   c.seed = a.seed
-  c.optim.warmup_steps = max(1, min(v['warmup'], c.num_steps // 10 or 1))
-  c.eval_every = max(1, c.num_steps // 4)
-  c.checkpoint_every = c.num_steps
-  c.keep_checkpoints = 1
-  c.log_every = max(1, c.num_steps // 20)
   c.progress = 'lines'
-  return c
+  return common.short_run_schedule(c, v['warmup'])
 
 
 def arm_of(model: dict) -> str:
@@ -119,13 +106,7 @@ def arm_of(model: dict) -> str:
 
 def pretrain_runs(pretrain_dir: str) -> dict[str, str]:
   """Arm name -> run directory of a stage-1 sweep (read from each run's own config.json)."""
-  out = {}
-  for name in sorted(os.listdir(pretrain_dir)):
-    path = os.path.join(pretrain_dir, name, 'config.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        out[arm_of(json.load(f)['model'])] = os.path.join(pretrain_dir, name)
-  return {arm: out[arm] for arm in ARMS if arm in out}
+  return results.runs_by_config(pretrain_dir, lambda c: arm_of(c['model']), order=ARMS)
 
 
 def get_sweep(arg=None):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -25,32 +24,11 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from experiments.distillation import config as exp_config  # pylint: disable=wrong-import-position
+from flaxformer_lab.sweeps import results  # pylint: disable=wrong-import-position
 
 PAPER = {'params': 0.60, 'speedup': 1.60, 'score': 97.0}  # DistilBERT vs BERT base (Sanh et al.)
 LABELS = {'teacher': 'teacher (4 layers)', 'distilled': '(a) distilled, teacher-layer init',
           'distilled_no_init': '(b) distilled, random init', 'scratch_mlm': '(c) MLM alone, random init'}
-
-
-def last_metric(run_dir: str, key: str):
-  """The last logged value of `key` in a run's metrics.jsonl (None if never logged)."""
-  value = None
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      if key in rec:
-        value = rec[key]
-  return value
-
-
-def finetune_runs(finetune_dir: str) -> dict[str, str]:
-  """Source run directory (init_from, as written in each run's config.json) -> fine-tuning run."""
-  out = {}
-  for name in sorted(os.listdir(finetune_dir)):
-    path = os.path.join(finetune_dir, name, 'config.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        out[os.path.normpath(json.load(f)['init_from'])] = os.path.join(finetune_dir, name)
-  return out
 
 
 def collect(teacher: str, students: str, finetune: str, rounds: int = 7, iters: int = 10,
@@ -60,7 +38,7 @@ def collect(teacher: str, students: str, finetune: str, rounds: int = 7, iters: 
   missing = [arm for arm in ('teacher', *exp_config.STUDENTS) if arm not in pre]
   if missing:
     raise SystemExit(f'error: {students} lacks the student arm(s) {", ".join(missing)}')
-  tuned = finetune_runs(finetune)
+  tuned = results.runs_by_init_from(finetune)
   arms = list(pre)
   speed = inference_speed.measure([pre[a] for a in arms], batch=batch, seq_len=seq_len,
                                   rounds=rounds, iters=iters)
@@ -69,8 +47,8 @@ def collect(teacher: str, students: str, finetune: str, rounds: int = 7, iters: 
     ft = tuned.get(os.path.normpath(pre[arm]))
     rows.append({'model': arm, 'label': LABELS[arm], 'layers': s['layers'], 'params': s['params'],
                  'tokens_per_s': s['tokens_per_s'], 'ms': s['ms'],
-                 'mlm_loss': last_metric(pre[arm], 'eval/mlm_loss'),
-                 'sst2_accuracy': last_metric(ft, 'eval/accuracy') if ft else None})
+                 'mlm_loss': results.last_value(pre[arm], 'eval/mlm_loss'),
+                 'sst2_accuracy': results.last_value(ft, 'eval/accuracy') if ft else None})
   t = rows[0]
   for r in rows:
     r['params_vs_teacher'] = r['params'] / t['params']

@@ -35,6 +35,7 @@ from flaxformer_lab.presets import bert
 from flaxformer_lab.presets import common
 from flaxformer_lab.presets import distilbert
 from flaxformer_lab.sweeps import product
+from flaxformer_lab.sweeps import results
 from flaxformer_lab.sweeps import zipped
 
 # Per-variant sizes: teacher / student pre-training steps, fine-tuning steps, eval batches.
@@ -56,19 +57,11 @@ STUDENTS = {
 
 
 def _arg(arg):
-  a = common.parse_arg(arg, variant='default', stage='teacher', teacher='', students='',
-                       steps=0, finetune_steps=0, seed=0)
-  if a.variant not in VARIANTS:
-    raise ValueError(f'unknown distillation variant {a.variant!r}; choose from '
-                     f'{", ".join(VARIANTS)}')
-  if a.stage not in STAGES:
-    raise ValueError(f'unknown stage {a.stage!r}; choose from {", ".join(STAGES)}')
-  if a.stage in ('students', 'finetune') and not a.teacher:
-    raise ValueError(f'stage={a.stage} needs the teacher run: add ,teacher=<run dir of stage 1>')
-  if a.stage == 'finetune' and not a.students:
-    raise ValueError('stage=finetune needs the students sweep: add ,students=<sweep dir of stage 2>')
-  v = dict(VARIANTS[a.variant])
-  return a, v
+  return common.parse_stage_arg(
+      arg, name='distillation', variants=VARIANTS, stages=STAGES,
+      needs=((('students', 'finetune'), 'teacher', 'the teacher run (stage 1)'),
+             (('finetune',), 'students', 'the students sweep directory (stage 2)')),
+      teacher='', students='', steps=0, finetune_steps=0, seed=0)
 
 
 def teacher_layers(v) -> tuple[int, ...]:
@@ -108,29 +101,15 @@ def get_config(arg=None):
     c.num_steps = a.finetune_steps or v['finetune_steps']
     c.progress = 'lines'
   c.seed = a.seed
-  c.optim.warmup_steps = max(1, min(v['warmup'], c.num_steps // 10 or 1))
-  c.eval_every = max(1, c.num_steps // 4)
-  c.checkpoint_every = c.num_steps
-  c.keep_checkpoints = 1
-  c.log_every = max(1, c.num_steps // 20)
-  return c
+  return common.short_run_schedule(c, v['warmup'])
 
 
 def student_runs(students_dir: str) -> dict[str, str]:
   """Arm name -> run directory of a stage-2 sweep (read from each run's own config.json)."""
-  import json  # pylint: disable=g-import-not-at-top
-  out = {}
-  for name in sorted(os.listdir(students_dir)):
-    path = os.path.join(students_dir, name, 'config.json')
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      c = json.load(f)
-    key = (c['task'], c.get('distill', {}).get('student_init', 'none'))
-    for arm, spec in STUDENTS.items():
-      if spec == key:
-        out[arm] = os.path.join(students_dir, name)
-  return {arm: out[arm] for arm in STUDENTS if arm in out}  # the table's order
+  arm_of = {spec: arm for arm, spec in STUDENTS.items()}
+  return results.runs_by_config(
+      students_dir, lambda c: arm_of.get((c['task'], c.get('distill', {}).get('student_init', 'none'))),
+      order=STUDENTS)  # the table's order
 
 
 def get_sweep(arg=None):

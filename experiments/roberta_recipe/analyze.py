@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -22,45 +21,22 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from experiments.roberta_recipe import config as exp_config  # pylint: disable=wrong-import-position
+from flaxformer_lab.sweeps import results  # pylint: disable=wrong-import-position
 
 HEADER = ['arm', 'masking', 'inputs', 'NSP', 'held-out MLM loss', 'SST-2 accuracy']
 
 
-def last_metric(run_dir: str, key: str):
-  value = None
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    for line in f:
-      rec = json.loads(line)
-      if key in rec:
-        value = rec[key]
-  return value
-
-
-def finetune_runs(finetune_dir: str) -> dict[str, str]:
-  """Source run (init_from, normalized) -> fine-tuning run directory."""
-  out = {}
-  for name in sorted(os.listdir(finetune_dir)):
-    path = os.path.join(finetune_dir, name, 'config.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        out[os.path.normpath(json.load(f)['init_from'])] = os.path.join(finetune_dir, name)
-  return out
-
-
 def collect(pretrain: str, finetune: str) -> list[dict]:
   pre = exp_config.pretrain_runs(pretrain)
-  tuned = finetune_runs(finetune) if finetune and os.path.isdir(finetune) else {}
+  tuned = results.runs_by_init_from(finetune) if finetune and os.path.isdir(finetune) else {}
   rows = []
   for arm, (masking, pairs, inputs, _) in exp_config.ARMS.items():
     run = pre.get(arm)
     ft = tuned.get(os.path.normpath(run)) if run else None
     rows.append({'arm': arm, 'masking': masking, 'inputs': inputs, 'nsp': bool(pairs),
                  'pretrain_run': run, 'finetune_run': ft,
-                 'mlm_loss': last_metric(run, 'eval/mlm_loss') if run else None,
-                 'sst2_accuracy': last_metric(ft, 'eval/accuracy') if ft else None})
+                 'mlm_loss': results.last_value(run, 'eval/mlm_loss') if run else None,
+                 'sst2_accuracy': results.last_value(ft, 'eval/accuracy') if ft else None})
   return rows
 
 

@@ -30,11 +30,9 @@ Arguments (after the colon): stage=pretrain|finetune, pretrain=<sweep dir of sta
 `:steps=300`, `:finetune_steps=200`, `:seed=1`.
 """
 
-import json
-import os
-
 from flaxformer_lab.presets import bert
 from flaxformer_lab.presets import common
+from flaxformer_lab.sweeps import results
 from flaxformer_lab.sweeps import zipped
 
 # Per-variant sizes: pre-training steps, fine-tuning steps, eval batches, warmup.
@@ -56,16 +54,10 @@ KEYS = ('data.mlm_masking', 'data.mlm_pairs', 'data.mlm_inputs', 'model.head')
 
 
 def _arg(arg):
-  a = common.parse_arg(arg, variant='default', stage='pretrain', pretrain='', steps=0,
-                       finetune_steps=0, seed=0)
-  if a.variant not in VARIANTS:
-    raise ValueError(f'unknown roberta_recipe variant {a.variant!r}; choose from '
-                     f'{", ".join(VARIANTS)}')
-  if a.stage not in STAGES:
-    raise ValueError(f'unknown stage {a.stage!r}; choose from {", ".join(STAGES)}')
-  if a.stage == 'finetune' and not a.pretrain:
-    raise ValueError('stage=finetune needs the pre-training sweep: add ,pretrain=<sweep dir>')
-  return a, dict(VARIANTS[a.variant])
+  return common.parse_stage_arg(
+      arg, name='roberta_recipe', variants=VARIANTS, stages=STAGES,
+      needs=((('finetune',), 'pretrain', 'the pre-training sweep directory'),),
+      pretrain='', steps=0, finetune_steps=0, seed=0)
 
 
 def _pretrain_config(v, gpu=False):
@@ -96,12 +88,7 @@ def get_config(arg=None):
     c.num_steps = a.finetune_steps or v['finetune_steps']
   c.seed = a.seed
   c.progress = 'lines'
-  c.optim.warmup_steps = max(1, min(v['warmup'], c.num_steps // 10 or 1))
-  c.eval_every = max(1, c.num_steps // 4)
-  c.checkpoint_every = c.num_steps
-  c.keep_checkpoints = 1
-  c.log_every = max(1, c.num_steps // 20)
-  return c
+  return common.short_run_schedule(c, v['warmup'])
 
 
 def arm_of(cfg: dict) -> str | None:
@@ -116,15 +103,7 @@ def arm_of(cfg: dict) -> str | None:
 
 def pretrain_runs(pretrain_dir: str) -> dict[str, str]:
   """Arm name -> run directory of a stage-1 sweep (read from each run's config.json)."""
-  out = {}
-  for name in sorted(os.listdir(pretrain_dir)):
-    path = os.path.join(pretrain_dir, name, 'config.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        arm = arm_of(json.load(f))
-      if arm:
-        out[arm] = os.path.join(pretrain_dir, name)
-  return {arm: out[arm] for arm in ARMS if arm in out}  # the table's order
+  return results.runs_by_config(pretrain_dir, arm_of, order=ARMS)  # the table's order
 
 
 def get_sweep(arg=None):

@@ -43,6 +43,38 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def parse_stage_arg(arg: str | None, *, name: str, variants: dict[str, dict[str, Any]],
+                    stages: tuple[str, ...], needs: tuple[tuple[tuple[str, ...], str, str], ...] = (),
+                    **defaults: Any) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """The argument of a staged experiment's config.py: (parsed arguments, the variant's sizes).
+
+  `variant` (a key of `variants`, default 'default') and `stage` (one of `stages`, default the
+  first) come with every such config; `defaults` adds the experiment's own keys. `needs` lists
+  (stages, key, what): in those stages `key` must be given (it names `what`, e.g. the directory of
+  an earlier stage's sweep). Each rule broken is one ValueError naming the key and what to add.
+  """
+  a = parse_arg(arg, variant='default', stage=stages[0], **defaults)
+  if a.variant not in variants:
+    raise ValueError(f'unknown {name} variant {a.variant!r}; choose from {", ".join(variants)}')
+  if a.stage not in stages:
+    raise ValueError(f'unknown stage {a.stage!r}; choose from {", ".join(stages)}')
+  for in_stages, key, what in needs:
+    if a.stage in in_stages and not a[key]:
+      raise ValueError(f'stage={a.stage} needs {what}: add ,{key}=<dir>')
+  return a, dict(variants[a.variant])
+
+
+def short_run_schedule(c: ml_collections.ConfigDict, warmup: int) -> ml_collections.ConfigDict:
+  """Sets an experiment run's cadence from `c.num_steps`: warmup (at most a tenth of the steps),
+  four evaluations, one checkpoint kept at the end, twenty log lines."""
+  c.optim.warmup_steps = max(1, min(warmup, c.num_steps // 10 or 1))
+  c.eval_every = max(1, c.num_steps // 4)
+  c.checkpoint_every = c.num_steps
+  c.keep_checkpoints = 1
+  c.log_every = max(1, c.num_steps // 20)
+  return c
+
+
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
   """The model section: every `ModelConfig` field with its default, then `overrides`.
 

@@ -36,6 +36,40 @@ RESULTS_MD = 'results.md'
 HPARAMS_DIR = 'tensorboard_hparams'
 
 
+# --- finding an experiment's runs again (staged experiments: experiments/<name>/analyze.py) -------
+
+
+def last_value(workdir: str, key: str) -> Any:
+  """The last logged value of `key` in a run's metrics.jsonl (None if never logged or no file)."""
+  try:
+    records = metrics_lib.read_metrics(workdir)
+  except FileNotFoundError:
+    return None
+  values = [r[key] for r in records if key in r]
+  return values[-1] if values else None
+
+
+def runs_by_config(sweep_dir: str, key_of, order: Sequence[Any] | None = None) -> dict[Any, str]:
+  """key_of(run's config.json) -> run directory, for the runs of a sweep directory.
+
+  A run whose key is None is left out; with `order`, the result holds those keys in that order.
+  """
+  out = {}
+  for name in sorted(os.listdir(sweep_dir)):
+    cfg = state_lib.read_json(epath.Path(sweep_dir) / name / 'config.json')
+    if cfg is not None:
+      key = key_of(cfg)
+      if key is not None:
+        out[key] = os.path.join(sweep_dir, name)
+  return out if order is None else {k: out[k] for k in order if k in out}
+
+
+def runs_by_init_from(sweep_dir: str) -> dict[str, str]:
+  """Source run (a fine-tuning run's `init_from`, normalized) -> the fine-tuning run directory."""
+  return runs_by_config(sweep_dir, lambda c: os.path.normpath(c['init_from']) if c.get('init_from')
+                        else None)
+
+
 def status_rows(sweep: Sweep) -> list[dict[str, Any]]:
   rows = []
   for run in sweep.runs:
