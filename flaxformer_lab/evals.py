@@ -10,7 +10,10 @@ entries the config does not name (every objective: `eval`, metrics on the eval s
                      same N - 1 targets when max_batches = 0 (max_batches = T / (batch x seq_len)
                      keeps the first T); a learned or sinusoidal table must hold seq_len rows
                      (model.max_len; rows past the training length stay untrained), the other
-                     schemes take any length (experiments/position_extrapolation)
+                     schemes take any length (experiments/position_extrapolation);
+                     `data` = {key: value} evaluates on data built with those config.data keys
+                     changed (a second pipeline, built once, same tokenizer), e.g. every arm of
+                     a data-recipe ablation scored on the same rows (experiments/roberta_recipe)
   bleu               sacreBLEU of greedy or beam decoding on `split` (encoder_decoder)
   samples            a decoded sample from `prompt`, written to the log (decoder, encoder_decoder)
   teacher_agreement  distillation: how often the student's prediction equals the teacher's, and
@@ -136,37 +139,71 @@ def _jit_eval(ctx: EvalContext, fn_of):
 @_register
 class MetricsEval(Evaluator):
   type = 'metrics'
-  options = {'split': '', 'max_batches': None, 'seq_len': 0}
+  options = {'split': '', 'max_batches': None, 'seq_len': 0, 'data': {}}
+
+  def overrides(self) -> dict[str, Any]:
+    """The config.data keys this evaluation changes (`data`, plus `seq_len` when > 0)."""
+    data = self.entry['data']
+    out = dict(data.to_dict() if hasattr(data, 'to_dict') else data)
+    if int(self.entry['seq_len']):
+      out['seq_len'] = int(self.entry['seq_len'])
+    return out
+
+  def data_config(self, config):
+    """A copy of the run's config with this evaluation's data overrides applied."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      for key, value in self.overrides().items():
+        try:
+          config.data[key] = value
+        except (TypeError, ValueError) as e:
+          raise ConfigError(f'config.evals.{self.name}.data.{key}={value!r} does not fit '
+                            f'config.data.{key}={config.data[key]!r}: {e}') from e
+    return config
 
   def validate(self, config, model_cfg, objective):
     super().validate(config, model_cfg, objective)
     seq_len = int(self.entry['seq_len'])
     if seq_len < 0:
       raise ConfigError(f'config.evals.{self.name}.seq_len={seq_len} must be >= 0 (0 = training)')
+    data = self.entry['data']
+    if not hasattr(data, 'items'):
+      raise ConfigError(f'config.evals.{self.name}.data={data!r} must be a dict of config.data '
+                        'keys to evaluate with, e.g. dict(mlm_masking="static")')
+    unknown = sorted(k for k in data.keys() if k not in config.data)
+    if unknown:
+      raise ConfigError(f'config.evals.{self.name}.data has unknown key(s) {", ".join(unknown)}:'
+                        ' it overrides config.data, which has no such key')
+    if seq_len and 'seq_len' in data:
+      raise ConfigError(f'config.evals.{self.name} sets both seq_len and data.seq_len: keep one')
+    seq_len = int(self.overrides().get('seq_len', 0))
     if seq_len and model_cfg.position in ('learned', 'sinusoidal') and (
         seq_len + model_cfg.position_offset > model_cfg.max_len):
       raise ConfigError(f'config.evals.{self.name}.seq_len={seq_len} does not fit the '
                         f'{model_cfg.position} position table of model.max_len='
                         f'{model_cfg.max_len}: raise model.max_len (the table rows past the '
                         'training length are then never trained) or lower the length')
+    if data:
+      try:
+        objective.validate(self.data_config(config), model_cfg)
+      except ConfigError as e:
+        raise ConfigError(f'config.evals.{self.name}.data: {e}') from e
 
   def metric_names(self, objective):
     return {f'{self.prefix}/{m}' for m in objective.report}
 
   def _data(self, ctx: EvalContext):
-    seq_len = int(self.entry['seq_len'])
-    if not seq_len or seq_len == ctx.data.seq_len:
+    changed = {k: v for k, v in self.overrides().items() if ctx.config.data[k] != v}
+    if not changed:
       return ctx.data
 
     def build():
       from flaxformer_lab import data as data_lib  # pylint: disable=g-import-not-at-top
-      config = copy.deepcopy(ctx.config)
-      with config.unlocked():
-        config.data.seq_len = seq_len
-      return data_lib.make_datasets(config, process_index=jax.process_index(),
+      return data_lib.make_datasets(self.data_config(ctx.config),
+                                    process_index=jax.process_index(),
                                     process_count=jax.process_count(), tokenizer=ctx.data.tokenizer)
 
-    return ctx.cached(('data', seq_len), build)
+    return ctx.cached(('data', tuple(sorted(changed.items()))), build)
 
   def run(self, ctx, step, params):
     step_fn = ctx.cached('metrics_step', lambda: _jit_eval(

@@ -25,6 +25,7 @@ from flaxformer_lab.models.config import ConfigError
 from flaxformer_lab.presets import albert
 from flaxformer_lab.presets import bert
 from flaxformer_lab.presets import roberta
+from flaxformer_lab.presets import common
 from flaxformer_lab.presets.common import default_data_dir
 from flaxformer_lab.tasks import get_objective
 
@@ -406,3 +407,37 @@ def test_pretrain_tiny_loss_falls(family, data_dir, tmp_path):
   saved = rundir.RunDir(str(tmp_path)).load_tokenizer()
   text = 'She was the youngest of the two daughters of a most affectionate, indulgent father.'
   assert saved.encode(text) == make_datasets(c).tokenizer.encode(text)
+
+
+def test_a_metrics_evaluation_can_change_the_data_recipe(data_dir, tmp_path):
+  """`config.evals.<name>.data` scores on rows built with other config.data keys: FULL-SENTENCES
+  rows without pairs give no pair metrics and another MLM loss; an override equal to the run's
+  own setting reuses its pipeline (the same numbers as `eval`)."""
+  c = _recipe('bert', data_dir, max_examples=400)
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 0, 3
+  c.optim.warmup_steps, c.data.eval_batches, c.progress = 1, 2, 'off'
+  with c.unlocked():
+    c.evals.same = common.metrics_eval(c, prefix='same', data=dict(mlm_masking='static'))
+    c.evals.shared = common.metrics_eval(c, prefix='shared', data=dict(
+        mlm_inputs='full_sentences', mlm_pairs='', mlm_masking='static', mlm_dupe_factor=1))
+  final = train.train_and_evaluate(c, str(tmp_path))
+  assert c.data.mlm_pairs == 'nsp' and 'eval/pair_loss' in final
+  for key in ('loss', 'mlm_loss', 'mlm_accuracy', 'pair_loss'):
+    assert final[f'same/{key}'] == final[f'eval/{key}'], key
+  assert 'shared/pair_loss' not in final and np.isfinite(final['shared/mlm_loss'])
+  assert final['shared/mlm_loss'] != final['eval/mlm_loss']
+
+
+@pytest.mark.parametrize('data, match', [
+    (dict(nosuch=1), 'config.evals.x.data has unknown key(s) nosuch'),
+    (dict(mlm_pairs='nsp', mlm_inputs='full_sentences'), "config.evals.x.data: config.data.mlm_inputs='full_sentences' has no sentence pairs"),
+    (dict(mlm_masking='sometimes'), "config.evals.x.data: config.data.mlm_masking must be"),
+    (dict(mlm_dupe_factor='ten'), 'config.evals.x.data.mlm_dupe_factor'),
+])
+def test_bad_evaluation_data_overrides_are_one_line_config_errors(data, match):
+  c = bert.get_config('pretrain_tiny')
+  with c.unlocked():
+    c.evals.x = common.metrics_eval(c, prefix='x', data=data)
+  with pytest.raises(ConfigError) as e:
+    train.validate_config(c, num_devices=1)
+  assert match in str(e.value) and '\n' not in str(e.value), str(e.value)
