@@ -4,8 +4,9 @@ r"""The roberta_recipe table and plot, from its two sweeps (see config.py).
       --finetune=workdirs/roberta_recipe/finetune --out=experiments/roberta_recipe
 
 Per arm: masking, input format, NSP, the held-out MLM loss of its pre-training run's last
-evaluation (`eval/mlm_loss`, validation split) and the SST-2 test accuracy of its fine-tuning run
-(`eval/accuracy`). Writes results.md, results.csv and roberta_recipe.png into --out; an arm
+evaluation on the rows every arm shares (`shared/mlm_loss`: the validation split as
+FULL-SENTENCES rows, one fixed mask each), its loss on its own input format (`eval/mlm_loss`) and
+the SST-2 test accuracy of its fine-tuning run (`eval/accuracy`). Writes results.md, results.csv and roberta_recipe.png into --out; an arm
 without a finished run shows '-' and is listed under `missing`.
 """
 
@@ -23,7 +24,8 @@ if ROOT not in sys.path:
 from experiments.roberta_recipe import config as exp_config  # pylint: disable=wrong-import-position
 from flaxformer_lab.sweeps import results  # pylint: disable=wrong-import-position
 
-HEADER = ['arm', 'masking', 'inputs', 'NSP', 'held-out MLM loss', 'SST-2 accuracy']
+HEADER = ['arm', 'masking', 'inputs', 'NSP', 'held-out MLM loss (shared rows)',
+          'MLM loss on own format', 'SST-2 accuracy']
 
 
 def collect(pretrain: str, finetune: str) -> list[dict]:
@@ -35,7 +37,8 @@ def collect(pretrain: str, finetune: str) -> list[dict]:
     ft = tuned.get(os.path.normpath(run)) if run else None
     rows.append({'arm': arm, 'masking': masking, 'inputs': inputs, 'nsp': bool(pairs),
                  'pretrain_run': run, 'finetune_run': ft,
-                 'mlm_loss': results.last_value(run, 'eval/mlm_loss') if run else None,
+                 'mlm_loss': results.last_value(run, 'shared/mlm_loss') if run else None,
+                 'own_mlm_loss': results.last_value(run, 'eval/mlm_loss') if run else None,
                  'sst2_accuracy': results.last_value(ft, 'eval/accuracy') if ft else None})
   return rows
 
@@ -47,14 +50,14 @@ def _f(x, fmt):
 def cells(r: dict) -> list[str]:
   acc = None if r['sst2_accuracy'] is None else 100 * r['sst2_accuracy']
   return [r['arm'], r['masking'], r['inputs'], 'yes' if r['nsp'] else 'no',
-          _f(r['mlm_loss'], '.3f'), _f(acc, '.1f') + ('%' if acc is not None else '')]
+          _f(r['mlm_loss'], '.3f'), _f(r['own_mlm_loss'], '.3f'), _f(acc, '.1f') + ('%' if acc is not None else '')]
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ['| ' + ' | '.join(HEADER) + ' |', '|---|---|---|---|---:|---:|']
+  lines = ['| ' + ' | '.join(HEADER) + ' |', '|---|---|---|---|---:|---:|---:|']
   lines += ['| ' + ' | '.join(cells(r)) + ' |' for r in rows]
   lines.append('| paper (Liu et al. 2019) | Table 1: dynamic ~ static or slightly better | '
-               'Table 2: FULL-SENTENCES, no NSP > SEGMENT-PAIR + NSP | | - | - |')
+               'Table 2: FULL-SENTENCES, no NSP > SEGMENT-PAIR + NSP | | - | - | - |')
   return '\n'.join(lines) + '\n'
 
 

@@ -24,10 +24,12 @@ optimizer for all; only the data recipe changes:
   python experiments/roberta_recipe/analyze.py --pretrain=workdirs/roberta_recipe/pretrain \
       --finetune=workdirs/roberta_recipe/finetune --out=experiments/roberta_recipe
 
-Held-out MLM loss: `eval/mlm_loss` of each pre-training run's last evaluation (validation split).
+Held-out MLM loss: `shared/mlm_loss` of each pre-training run's last evaluation: the whole
+validation split as FULL-SENTENCES rows with one fixed mask each (SHARED_EVAL), the same rows for
+every arm (`eval/mlm_loss` is each arm's loss on its own input format).
 Arguments (after the colon): stage=pretrain|finetune, pretrain=<sweep dir of stage 1>, a variant
 (default: CPU-sized; smoke: seconds per run, for the tests; gpu: larger), and size overrides:
-`:steps=300`, `:finetune_steps=200`, `:seed=1`.
+`:steps=300`, `:finetune_steps=200`, `:examples=2000` (0 = every paragraph), `:seed=1`.
 """
 
 from flaxformer_lab.presets import bert
@@ -36,11 +38,19 @@ from flaxformer_lab.sweeps import results
 from flaxformer_lab.sweeps import zipped
 
 # Per-variant sizes: pre-training steps, fine-tuning steps, eval batches, warmup.
+# examples: the first N Austen paragraphs (data.max_examples; 0 = all 11k), so that the default's
+# 3,000 steps x 16 rows are ~32 epochs of segment pairs (~48 of FULL-SENTENCES rows): every static
+# mask is read about 3 times, the regime where RoBERTa's static/dynamic comparison can differ
+# (the paper: dupe_factor 10 over 40 epochs, each mask 4 times).
 VARIANTS = {
-    'default': dict(steps=200, finetune_steps=150, eval_batches=8, warmup=20),
-    'smoke': dict(steps=4, finetune_steps=3, eval_batches=1, warmup=1),
-    'gpu': dict(steps=20000, finetune_steps=2000, eval_batches=64, warmup=1000),
+    'default': dict(steps=3000, finetune_steps=1000, eval_batches=8, warmup=100, examples=1000),
+    'smoke': dict(steps=4, finetune_steps=3, eval_batches=1, warmup=1, examples=200),
+    'gpu': dict(steps=20000, finetune_steps=2000, eval_batches=64, warmup=1000, examples=0),
 }
+# The evaluation every arm shares: the same validation rows (FULL-SENTENCES, no pairs, one fixed
+# mask per row), whatever the arm trained on; `shared/mlm_loss` is the table's held-out MLM loss.
+SHARED_EVAL = dict(mlm_inputs='full_sentences', mlm_pairs='', mlm_masking='static',
+                   mlm_dupe_factor=1)
 STAGES = ('pretrain', 'finetune')
 # The arms, in the table's order: name -> (data.mlm_masking, data.mlm_pairs, data.mlm_inputs,
 # model.head).
@@ -57,15 +67,16 @@ def _arg(arg):
   return common.parse_stage_arg(
       arg, name='roberta_recipe', variants=VARIANTS, stages=STAGES,
       needs=((('finetune',), 'pretrain', 'the pre-training sweep directory'),),
-      pretrain='', steps=0, finetune_steps=0, seed=0)
+      pretrain='', steps=0, finetune_steps=0, examples=-1, seed=0)
 
 
-def _pretrain_config(v, gpu=False):
+def _pretrain_config(a, v):
   c = bert.get_config('pretrain_tiny')  # static + dupe 10 + NSP: the `bert` arm; sweep switches
-  if gpu:
+  if a.variant == 'gpu':
     c.model.update(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024)
     c.batch_size = 64
   c.data.eval_batches = v['eval_batches']
+  c.data.max_examples = v['examples'] if a.examples < 0 else a.examples
   return c
 
 
@@ -73,7 +84,7 @@ def get_config(arg=None):
   """Stage 1: the BERT-recipe pre-training run (the sweep switches the data recipe per arm);
   stage 2: the SST-2 classifier on its body (the sweep switches init_from)."""
   a, v = _arg(arg)
-  pre = _pretrain_config(v, a.variant == 'gpu')
+  pre = _pretrain_config(a, v)
   if a.stage == 'pretrain':
     c = pre
     c.num_steps = a.steps or v['steps']
@@ -88,7 +99,11 @@ def get_config(arg=None):
     c.num_steps = a.finetune_steps or v['finetune_steps']
   c.seed = a.seed
   c.progress = 'lines'
-  return common.short_run_schedule(c, v['warmup'])
+  common.short_run_schedule(c, v['warmup'])
+  if a.stage == 'pretrain':
+    with c.unlocked():  # the whole validation split (max_batches 0), at every evaluation
+      c.evals.shared = common.metrics_eval(c, prefix='shared', max_batches=0, data=SHARED_EVAL)
+  return c
 
 
 def arm_of(cfg: dict) -> str | None:
