@@ -920,39 +920,94 @@ def run_corruptions(tmp: str, tfds_dir: str, run_dir: str) -> list[dict[str, Any
   return out
 
 
-def full_disk(tmp: str, tfds_dir: str, size: str = '3m') -> dict[str, Any]:
-  """A run on a small tmpfs that fills up: one line, exit 2, earlier checkpoints still restore."""
-  mount = os.path.join(tmp, 'tmpfs')
-  os.makedirs(mount, exist_ok=True)
+# The full-disk cases: (name, tmpfs size, asynchronous checkpoints, filled by another process the
+# moment a checkpoint write is under way).
+DISK_MODES = (('sync', '3m', False, False), ('async', '3m', True, False),
+              ('async, filled mid-write', '8m', True, True))
+
+
+def full_disk(tmp: str, tfds_dir: str) -> dict[str, Any]:
+  """Runs on a small tmpfs that fills up (DISK_MODES): one line, exit 2, every checkpoint written
+  before still restores."""
   if os.geteuid() != 0 or shutil.which('mount') is None:
     return {'skipped': 'needs root and mount(8) for a size-limited tmpfs'}
-  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', mount],
-                     capture_output=True, text=True)
-  if r.returncode != 0:
-    return {'skipped': f'cannot mount a tmpfs here: {r.stderr.strip()[:200]}'}
+  # Prepares the data set first (its first preparation draws progress bars on stderr).
+  train(os.path.join(tmp, 'full_disk_prepare'), tiny_args(1), tfds_dir)
+  modes, problems = [], []
+  for i, (name, size, async_checkpoints, mid_write) in enumerate(DISK_MODES):
+    mount = os.path.join(tmp, f'tmpfs{i}')
+    os.makedirs(mount, exist_ok=True)
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', mount],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+      return {'skipped': f'cannot mount a tmpfs here: {r.stderr.strip()[:200]}'}
+    try:
+      rec = _fill_disk(mount, tfds_dir, async_checkpoints, mid_write)
+    finally:
+      subprocess.run(['umount', mount], capture_output=True)
+    modes.append({'mode': name, **rec})
+    if rec['why']:
+      problems.append(f'{name}: {rec["why"]}')
+  return {'modes': modes, 'line': modes[-1]['line'],
+          'checkpoints': sum(m['checkpoints'] for m in modes),
+          'restorable': sum(m['restorable'] for m in modes), 'ok': not problems,
+          'why': '; '.join(problems)}
+
+
+def _fill_disk(mount: str, tfds_dir: str, async_checkpoints: bool,
+               mid_write: bool) -> dict[str, Any]:
+  workdir = os.path.join(mount, 'run')
+  args = [f'--workdir={workdir}', *tiny_args(200, checkpoint_every=1 if not mid_write else 2,
+                                             keep_checkpoints=1000,
+                                             async_checkpoints=async_checkpoints)]
+  proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lab.main', *args],
+                          env=env_for(tfds_dir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  filled = False
+  deadline = time.time() + 300
+  while mid_write and not filled and proc.poll() is None and time.time() < deadline:
+    # A save in progress (orbax's tmp directory) after one that finished: fill the disk now.
+    if steps_of(workdir) and any('orbax-checkpoint-tmp' in n for n in _listdir(
+        os.path.join(workdir, 'checkpoints'))):
+      with open(os.path.join(mount, 'filler'), 'wb') as f:
+        with contextlib.suppress(OSError):
+          while True:
+            f.write(b'\0' * (1 << 16))
+      filled = True
+    time.sleep(0.002)
   try:
-    workdir = os.path.join(mount, 'run')
-    r = run_entry('main', [f'--workdir={workdir}',
-                           *tiny_args(200, checkpoint_every=1, keep_checkpoints=1000,
-                                      async_checkpoints=False)], tfds_dir)
-    line = one_error_line(r.stderr)
-    problems = []
-    if r.returncode != 2:
-      problems.append(f'exit {r.returncode}')
-    if line is None:
-      problems.append(f'not one line: {r.stderr[-800:]!r}')
-    saved = steps_of(workdir)
-    restorable = 0
-    for s in saved:
-      try:
-        checkpoint_contents(workdir, s)
-        restorable += 1
-      except Exception:  # pylint: disable=broad-except
-        problems.append(f'checkpoint {s} does not restore')
-    return {'exit': r.returncode, 'line': line, 'checkpoints': len(saved),
-            'restorable': restorable, 'ok': not problems, 'why': '; '.join(problems)}
-  finally:
-    subprocess.run(['umount', mount], capture_output=True)
+    _, stderr = proc.communicate(timeout=max(1.0, deadline - time.time()))
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    _, stderr = proc.communicate()
+  line = one_error_line(stderr)
+  problems = []
+  if mid_write and not filled:
+    problems.append('the run ended before a checkpoint write could be caught')
+  if proc.returncode != 2:
+    problems.append(f'exit {proc.returncode}')
+  if line is None:
+    problems.append(f'not one line ({len(stderr.splitlines())} lines): {stderr[-800:]!r}')
+  saved = steps_of(workdir)
+  restorable = 0
+  for s in saved:
+    try:
+      checkpoint_contents(workdir, s)
+      restorable += 1
+    except Exception:  # pylint: disable=broad-except
+      problems.append(f'checkpoint {s} does not restore')
+  if not saved:
+    problems.append('no checkpoint was written before the disk filled (make the tmpfs larger)')
+  return {'exit': proc.returncode, 'line': line, 'checkpoints': len(saved),
+          'restorable': restorable, 'stderr_lines': len(stderr.splitlines()),
+          'why': '; '.join(problems)}
+
+
+def _listdir(path: str) -> list[str]:
+  try:
+    return os.listdir(path)
+  except OSError:
+    return []
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -1056,9 +1111,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       ok &= rec['ok']
     if 'full_disk' in parts:
       rec = full_disk(tmp, tfds_dir)
-      print(f'[full disk] {rec.get("skipped") and "skipped: " + rec["skipped"] or ("ok" if rec["ok"] else "FAIL " + rec["why"])}'
-            + (f' ({rec["line"]}; {rec["restorable"]} of {rec["checkpoints"]} checkpoints restore)'
-               if 'line' in rec else ''), flush=True)
+      if 'skipped' in rec:
+        print(f'[full disk] skipped: {rec["skipped"]}', flush=True)
+      for m in rec.get('modes', []):
+        print(f'[full disk] {m["mode"]}: {"FAIL " + m["why"] if m["why"] else "ok"} (exit '
+              f'{m["exit"]}, {m["stderr_lines"]} line(s) of stderr: {m["line"]}; '
+              f'{m["restorable"]} of {m["checkpoints"]} checkpoints restore)', flush=True)
       results['full_disk'] = rec
       ok &= rec.get('ok', True)
   finally:
