@@ -1,6 +1,6 @@
 """experiments/albert_sharing: the four arms' configs, and the `:smoke` sweeps (pre-training, then
 SST-2 fine-tuning) end to end with the table's parameter counts checked against the formulas
-(slow: eight training subprocesses, about 2.5 minutes on 2 cores)."""
+(eight training subprocesses, in the quick CI set: about 1.5 minutes on 2 cores)."""
 
 import os
 import subprocess
@@ -57,7 +57,6 @@ def test_bad_arm_values_are_refused_by_the_model_validation():
     ModelConfig.from_dict({**m, 'share_layers': 3})  # 3 groups do not divide 2 layers
 
 
-@pytest.mark.slow
 def test_smoke_sweeps_write_the_table_with_every_arm(tmp_path):
   env = {**os.environ, 'FLAXFORMER_TFDS_DIR': str(tmp_path / 'tfds'), 'JAX_PLATFORMS': 'cpu'}
   pre, ft = tmp_path / 'pretrain', tmp_path / 'finetune'

@@ -31,14 +31,15 @@ from flaxformer_lab.presets import common
 from flaxformer_lab.sweeps import results
 from flaxformer_lab.sweeps import zipped
 
-# Per-variant sizes: body, factorized E, pre-training / fine-tuning steps, eval batches.
+# Per-variant sizes: body, factorized E, pre-training / fine-tuning steps, eval batches, and the
+# pre-training paragraphs read (data.max_examples, the tokenizer's text too; 0 = all).
 VARIANTS = {
     'default': dict(d_model=64, layers=4, heads=4, emb_dim=16, pretrain_steps=150,
-                    finetune_steps=100, eval_batches=8, warmup=10),
+                    finetune_steps=100, eval_batches=8, warmup=10, examples=0),
     'smoke': dict(d_model=32, layers=2, heads=2, emb_dim=8, pretrain_steps=4, finetune_steps=3,
-                  eval_batches=1, warmup=1),
+                  eval_batches=1, warmup=1, examples=400),
     'gpu': dict(d_model=256, layers=6, heads=4, emb_dim=64, pretrain_steps=10000,
-                finetune_steps=2000, eval_batches=64, warmup=250),
+                finetune_steps=2000, eval_batches=64, warmup=250, examples=0),
 }
 STAGES = ('pretrain', 'finetune')
 # The arms, in the table's order: name -> (model.share_layers, factorized?).
@@ -79,6 +80,7 @@ def get_config(arg=None):
     c = pre
     c.num_steps = a.steps or v['pretrain_steps']
     c.data.eval_batches = v['eval_batches']
+    c.data.max_examples = v['examples']
   else:
     c = albert.get_config('tiny,task=classification')  # SST-2, AdamW, batch 16
     body = pre.model.to_dict()
