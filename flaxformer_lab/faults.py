@@ -22,8 +22,10 @@ process exit), so sixty cases cost a few processes. What each trial asserts:
 - a process of a two-process run killed once it has saved a checkpoint: the survivor exits with
   status 4 within the heartbeat timeout, one line naming the lost process; both rerun resume
   bit-identical to an uninterrupted two-process run (quick: process 0, --full: 0 and 1);
-- a full disk (a 3 MB tmpfs; needs root, else skipped with the reason): one line, exit 2, and the
-  checkpoints saved before it still restore.
+  with --full also a two-process run whose compile outlasts the heartbeat timeout: no false loss;
+- a full disk (a 3 MB tmpfs with synchronous and with asynchronous checkpoints, and an 8 MB one
+  that another process fills mid-write; needs root, else skipped with the reason): one line,
+  exit 2, and the checkpoints saved before it still restore.
 """
 
 from __future__ import annotations
@@ -808,6 +810,26 @@ def peer_loss(tmp: str, tfds_dir: str, victims: Sequence[int] = (0, 1), heartbea
   return {'ok': all(t['ok'] for t in trials), 'trials': trials}
 
 
+def long_compile_peers(tmp: str, tfds_dir: str, heartbeat_s: int = 6,
+                       num_layers: int = 16) -> dict[str, Any]:
+  """A two-process run whose first compile (an unrolled `num_layers` decoder) takes longer than
+  the heartbeat timeout: no process may be reported lost (both exit 0). A compile that held the
+  GIL would stop the heartbeat thread and end the run with a false loss (exit 4)."""
+  args = tiny_args(3, checkpoint_every=3, **{'mesh.shape': '(2,2,2)',
+                                             'model.num_layers': num_layers,
+                                             'model.scan_layers': False})
+  start = time.time()
+  res = _finish(start_two(os.path.join(tmp, 'long_compile'), args, tfds_dir, heartbeat_s), 900)
+  took = time.time() - start
+  problems = [f'process {i} exit {c}: {(terminal_lines(e) or [""])[-1][:300]}'
+              for i, (c, e) in enumerate(res) if c]
+  if took < 2 * heartbeat_s:
+    problems.append(f'the run took {took:.0f} s, not longer than twice the {heartbeat_s} s '
+                    'timeout: raise num_layers')
+  return {'ok': not problems, 'seconds': round(took, 1), 'heartbeat_s': heartbeat_s,
+          'num_layers': num_layers, 'why': '; '.join(problems)}
+
+
 # --- poisoned update, corrupt checkpoints, full disk ----------------------------------------------
 def poisoned_update(tmp: str, poison_step: int = 3) -> dict[str, Any]:
   """In this process: an optimizer whose update at `poison_step` makes the parameters NaN while
@@ -1109,6 +1131,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'[lost peer] FAIL {rec["why"]}', flush=True)
       results['peer'] = rec
       ok &= rec['ok']
+      if a.full:
+        rec = long_compile_peers(tmp, tfds_dir)
+        print(f'[long compile] {"ok" if rec["ok"] else "FAIL " + rec["why"]}: a two-process run '
+              f'of an unrolled {rec["num_layers"]}-layer decoder took {rec["seconds"]} s under a '
+              f'{rec["heartbeat_s"]} s heartbeat timeout', flush=True)
+        results['long_compile'] = rec
+        ok &= rec['ok']
     if 'full_disk' in parts:
       rec = full_disk(tmp, tfds_dir)
       if 'skipped' in rec:

@@ -367,3 +367,9 @@ def test_native_callbacks_into_a_closed_loop_are_dropped_and_other_errors_kept(m
   sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=other,
                                            exc_traceback=None, err_msg=None, object=None))
   assert seen == [('except', closed), ('unraisable', other)]
+
+
+@pytest.mark.slow  # one two-process run with a long compile (~1-5 min on 2 cores)
+def test_a_compile_longer_than_the_heartbeat_timeout_is_not_a_lost_peer(tmp_path, tfds_dir):
+  rec = faults.long_compile_peers(str(tmp_path), tfds_dir)
+  assert rec['ok'], rec['why']
