@@ -47,3 +47,16 @@ def test_smoke_sweeps_write_the_table_with_every_arm(tmp_path):
   md = (tmp_path / 'out' / 'results.md').read_text()
   assert all(f'| {arm} |' in md for arm in rr_config.ARMS)
   assert os.path.getsize(out['png']) > 10_000
+
+
+def test_seeds_combine_to_the_mean_with_each_seed_shown():
+  def row(loss, acc):
+    return {'arm': 'roberta', 'masking': 'dynamic', 'inputs': 'full_sentences', 'nsp': False,
+            'train_mlm_loss': loss - 0.1, 'mlm_loss': loss, 'own_mlm_loss': loss,
+            'sst2_accuracy': acc}
+  (r,) = analyze.combine([[row(5.0, 0.70)], [row(6.0, 0.80)]])
+  assert r['mlm_loss'] == 5.5 and abs(r['sst2_accuracy'] - 0.75) < 1e-12
+  assert analyze.cells(r)[5] == '5.500 (5.000 / 6.000)'
+  assert analyze.cells(r)[7] == '75.0 (70.0 / 80.0)'
+  (r,) = analyze.combine([[row(5.0, 0.70)], [{**row(6.0, 0.8), 'sst2_accuracy': None}]])
+  assert r['sst2_accuracy'] is None and r['mlm_loss'] == 5.5  # a seed without its run: '-'
