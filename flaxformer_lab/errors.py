@@ -215,7 +215,8 @@ def _late_callback_into_closed_loop(exc_type, exc, tb) -> bool:
   """Whether an uncaught exception is a native thread's callback into an asyncio loop that has
   closed: `RuntimeError('Event loop is closed')` whose outermost frame is the loop's
   `call_soon_threadsafe` (no Python caller: tensorstore completing a write after orbax's save
-  loop ended on an error, printed through `sys.excepthook` as a bare traceback per write)."""
+  loop ended on an error; Python reports it through `sys.unraisablehook`, with no object, as a
+  bare traceback per write)."""
   if exc_type is not RuntimeError or str(exc) != 'Event loop is closed' or tb is None:
     return False
   return (tb.tb_frame.f_code.co_name == 'call_soon_threadsafe'
@@ -223,8 +224,9 @@ def _late_callback_into_closed_loop(exc_type, exc, tb) -> bool:
 
 
 def silence_late_loop_callbacks() -> None:
-  """Drops `_late_callback_into_closed_loop` tracebacks (0-73 lines when a disk fills during an
-  asynchronous checkpoint write); every other exception reaches the previous hook. The failure
+  """Drops `_late_callback_into_closed_loop` tracebacks (up to 175 lines when a disk fills during
+  an asynchronous checkpoint write) from sys.unraisablehook and sys.excepthook; every other
+  exception reaches the previous hook. The failure
   that closed the loop reaches the main thread, which reports it as one `error:` line."""
   if getattr(sys.excepthook, '_lab_quiet', False):
     return

@@ -979,18 +979,14 @@ def full_disk(tmp: str, tfds_dir: str) -> dict[str, Any]:
 def _fill_disk(mount: str, tfds_dir: str, async_checkpoints: bool,
                mid_write: bool) -> dict[str, Any]:
   workdir = os.path.join(mount, 'run')
-  args = [f'--workdir={workdir}', *tiny_args(200, checkpoint_every=1 if not mid_write else 2,
-                                             keep_checkpoints=1000,
-                                             async_checkpoints=async_checkpoints)]
-  proc = subprocess.Popen([sys.executable, '-m', 'flaxformer_lab.main', *args],
-                          env=env_for(tfds_dir), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = _start(workdir, tiny_args(200, checkpoint_every=2 if mid_write else 1,
+                                   keep_checkpoints=1000, async_checkpoints=async_checkpoints),
+                tfds_dir)
   filled = False
   deadline = time.time() + 300
   while mid_write and not filled and proc.poll() is None and time.time() < deadline:
     # A save in progress (orbax's tmp directory) after one that finished: fill the disk now.
-    if steps_of(workdir) and any('orbax-checkpoint-tmp' in n for n in _listdir(
-        os.path.join(workdir, 'checkpoints'))):
+    if steps_of(workdir) and _writing(workdir):
       with open(os.path.join(mount, 'filler'), 'wb') as f:
         with contextlib.suppress(OSError):
           while True:
@@ -1023,13 +1019,6 @@ def _fill_disk(mount: str, tfds_dir: str, async_checkpoints: bool,
   return {'exit': proc.returncode, 'line': line, 'checkpoints': len(saved),
           'restorable': restorable, 'stderr_lines': len(stderr.splitlines()),
           'why': '; '.join(problems)}
-
-
-def _listdir(path: str) -> list[str]:
-  try:
-    return os.listdir(path)
-  except OSError:
-    return []
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def collect(pretrain: str, finetune: str) -> list[dict]:
   return rows
 
 
+METRICS = ('train_mlm_loss', 'mlm_loss', 'own_mlm_loss', 'sst2_accuracy')
+
+
 def combine(per_seed: list[list[dict]]) -> list[dict]:
   """One row per arm over several seeds' rows: each metric's mean (None if a seed lacks it) and
   its per-seed values (`<metric>_seeds`)."""
@@ -58,9 +61,6 @@ def combine(per_seed: list[list[dict]]) -> list[dict]:
       r[key] = None if any(v is None for v in vals) else sum(vals) / len(vals)
     rows.append(r)
   return rows
-
-
-METRICS = ('train_mlm_loss', 'mlm_loss', 'own_mlm_loss', 'sst2_accuracy')
 
 
 def _f(x, fmt, scale=1.0):
