@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxformer_lab import hostmem
+
 # Peak dense matmul FLOP/s by device kind (datasheet numbers, no sparsity).
 PEAK_FLOPS = {
     # kind substring: {dtype: flop/s}
@@ -554,7 +556,8 @@ def _machine() -> dict[str, Any]:
   return dict(platform=dev.platform, device_kind=getattr(dev, 'device_kind', ''),
               devices=jax.device_count(), cpu_cores=os.cpu_count(), python=platform.python_version(),
               jax=jax.__version__, host=platform.machine(),
-              xla_flags=os.environ.get('XLA_FLAGS', ''))
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
 
 
 def _fmt_int(x) -> str:
@@ -607,6 +610,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f'jax {m["jax"]}' + (f', torch {hf["torch"]} ({hf["threads"]} threads)'
                                  if 'torch' in hf else '') +
             (f', transformers {hf["transformers"]}' if 'transformers' in hf else '') +
+            f'. GLIBC_TUNABLES={m.get("glibc_tunables") or "(unset)"}'
             f'. Load average (1 min): ' + ', '.join(
                 f'{r["load_start"]:.2f} -> {r["load_end"]:.2f}' for r in results) +
             f'. MFU against {r0["peak_source"]} = {r0["peak_flops"] / 1e12:.2f} TFLOP/s; model '
@@ -619,6 +623,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
 # Command line.
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
+  if argv is None:  # the command line, not a call from Python: malloc that reuses pages (hostmem.py)
+    hostmem.reexec_with_tunables()
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)

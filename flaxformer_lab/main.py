@@ -17,6 +17,7 @@ from ml_collections import config_flags
 import jax
 
 from flaxformer_lab import errors
+from flaxformer_lab import hostmem
 from flaxformer_lab import runlock
 from flaxformer_lab import sharding
 
@@ -30,6 +31,7 @@ parse_flags = errors.parse_config_flags  # every flag/config error -> one line, 
 
 
 def main(argv):
+  hostmem.reexec_with_tunables()  # CPU only: malloc that reuses XLA's buffer pages (hostmem.py)
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if _WORKDIR.value is None:

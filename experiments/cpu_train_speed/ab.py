@@ -17,6 +17,7 @@ patching the objective while the step is traced (the patch is undone before the 
   unroll     model.scan_unroll = num_layers
   loop       model.scan_layers = False
   rbg / unsafe_rbg / threefry   config.rng_impl (the dropout keys' PRNG)
+  bits8 / bits16 / bits32   model.dropout_bits (random bits per dropout decision)
   nodrop     all dropout off (a reference, not a lever)
 
 Variants combine levers with '+', e.g. `--variants=base,loss+unroll+unsafe_rbg`.
@@ -111,6 +112,8 @@ def variant(config, levers: list[str]):
       config.model.scan_layers = False
     elif lever in ('rbg', 'unsafe_rbg', 'threefry2x32', 'threefry'):
       config.rng_impl = 'threefry2x32' if lever == 'threefry' else lever
+    elif lever in ('bits8', 'bits16', 'bits32'):
+      config.model.dropout_bits = int(lever[4:])
     elif lever == 'nodrop':
       config.model.dropout_rate = 0.0
       config.model.attention_dropout_rate = 0.0

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lab.models.config import ModelConfig
+from flaxformer_lab.models.dropout import apply_dropout
 from flaxformer_lab.models.layers import constrain, default_kernel_init, dtype_of, normal_init
 from flaxformer_lab.models.layers import param_with_axes
 from flaxformer_lab.models.positions import apply_rope
@@ -63,7 +64,8 @@ def _mask_parts(mask: Any):
 
 def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
                      scale: float, dropout_rate: float = 0.0, dropout_rng=None,
-                     deterministic: bool = True, dtype=jnp.float32, kv_heads_major: bool = False):
+                     deterministic: bool = True, dtype=jnp.float32, kv_heads_major: bool = False,
+                     dropout_bits: int = 32):
   """The reference implementation: explicit scores, float32 softmax, optional weight dropout.
 
   `mask_Bx1xTxS` is an `AttentionMask` (its additive bias is used) or a boolean array.
@@ -90,8 +92,7 @@ def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias
     scores_BxGxRxTxS = scores_BxGxRxTxS + mask_bias[:, :, None]
   weights = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = apply_dropout(weights, dropout_rng, dropout_rate, dropout_bits)
   out = jnp.einsum(f'bgrts,{kv}->btgrk', weights.astype(dtype), v_BxSxGxK.astype(dtype))
   return out.reshape(b, t, h, k)
 
@@ -196,7 +197,8 @@ class Attention(nn.Module):
       out = einsum_attention(q, k, v, mask_Bx1xTxS=mask_Bx1xTxS, bias_BxHxTxS=bias_BxHxTxS,
                              scale=scale, dropout_rate=cfg.attention_dropout_rate,
                              dropout_rng=dropout_rng, deterministic=self.deterministic,
-                             dtype=dtype, kv_heads_major=heads_major)
+                             dtype=dtype, kv_heads_major=heads_major,
+                             dropout_bits=cfg.dropout_bits)
     else:
       if not self.deterministic and cfg.attention_dropout_rate > 0:
         raise ValueError(

@@ -28,6 +28,7 @@ import jax
 
 from flaxformer_lab.models.attention import Attention
 from flaxformer_lab.models.config import ModelConfig
+from flaxformer_lab.models.dropout import Dropout
 from flaxformer_lab.models.layers import Mlp, Norm, constrain, default_kernel_init, normal_init
 from flaxformer_lab.models.positions import RelativePositionBias
 
@@ -82,7 +83,7 @@ class Block(nn.Module):
   def _residual(self, x, branch, name, alpha: float = 1.0):
     """Applies one sub-layer with the configured norm placement."""
     cfg = self.cfg
-    drop = nn.Dropout(cfg.dropout_rate, name=f'{name}_dropout')
+    drop = Dropout(cfg.dropout_rate, cfg.dropout_bits, name=f'{name}_dropout')
     if cfg.norm_position == 'pre':
       y = branch(Norm(cfg, name=f'{name}_norm')(x))
       return x + drop(y, deterministic=self.deterministic)

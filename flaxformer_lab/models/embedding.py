@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lab.models.config import ModelConfig
+from flaxformer_lab.models.dropout import Dropout
 from flaxformer_lab.models.layers import Dense, Norm, dtype_of, param_with_axes
 from flaxformer_lab.models.positions import LearnedPositions, sinusoidal_table
 
@@ -70,7 +71,7 @@ class Embeddings(nn.Module):
     x = x.astype(dtype_of(cfg))
     if cfg.embedding_norm:
       x = Norm(cfg, name='norm')(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+    x = Dropout(cfg.dropout_rate, cfg.dropout_bits)(x, deterministic=self.deterministic)
     if e != cfg.d_model:
       x = Dense(cfg.d_model, ('factor_embed', 'embed'), True, dtype_of(cfg), name='projection')(x)
     return x
