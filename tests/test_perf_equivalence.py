@@ -125,18 +125,28 @@ def test_mask_is_built_once_and_marked_causal_only_where_a_fused_kernel_may_use_
 # --- scan unrolling --------------------------------------------------------------------------------
 @pytest.mark.parametrize('family', ['decoder', 'encoder_decoder'])
 def test_scan_unroll_changes_nothing(family):
-  cfg = tiny(family=family, num_layers=4, dropout_rate=0.1, attention_dropout_rate=0.1)
+  cfg = tiny(family=family, num_layers=4, dropout_rate=0.1, attention_dropout_rate=0.1,
+             scan_unroll=1)
   params = init(cfg)
   kw = padded_inputs(cfg)
   rng = jax.random.PRNGKey(5)
   ref = loss_and_grads(cfg, params, kw, deterministic=False, rng=rng)
-  for unroll in (2, 4, 9):
+  for unroll in (0, 2, 4, 9):  # 0: auto, unrolled at 4 layers
     got = loss_and_grads(cfg.replace(scan_unroll=unroll), params, kw, deterministic=False,
                          rng=rng)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)  # same dropout masks too
     assert_trees_close(got[1], ref[1])
   with pytest.raises(ConfigError, match='scan_unroll'):
-    cfg.replace(scan_unroll=0)
+    cfg.replace(scan_unroll=-1)
+
+
+def test_auto_scan_unroll_unrolls_shallow_stacks_only():
+  from flaxformer_lab.models.config import AUTO_UNROLL_LAYERS  # pylint: disable=g-import-not-at-top
+  from flaxformer_lab.models.stack import scan_unroll  # pylint: disable=g-import-not-at-top
+  assert scan_unroll(0, 4) == 4
+  assert scan_unroll(0, AUTO_UNROLL_LAYERS) == AUTO_UNROLL_LAYERS
+  assert scan_unroll(0, AUTO_UNROLL_LAYERS + 1) == 1
+  assert scan_unroll(3, 12) == 3 and scan_unroll(9, 4) == 4
 
 
 # --- MLM head on masked positions only -------------------------------------------------------------

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lab.models.block import Block
-from flaxformer_lab.models.config import ModelConfig
+from flaxformer_lab.models.config import AUTO_UNROLL_LAYERS, ModelConfig
 from flaxformer_lab.models.layers import Norm
 
 REMAT_POLICIES = {
@@ -27,6 +27,13 @@ REMAT_POLICIES = {
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
 }
+
+
+def scan_unroll(setting: int, groups: int) -> int:
+  """Layer groups per iteration of the scanned loop for `model.scan_unroll` (0 = auto)."""
+  if setting == 0:
+    return groups if groups <= AUTO_UNROLL_LAYERS else 1
+  return min(setting, groups)
 
 
 def _block_class(cfg: ModelConfig):
@@ -87,7 +94,7 @@ class Stack(nn.Module):
       scanned = nn.scan(body_cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
                         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,),
                         length=groups, metadata_params={nn.PARTITION_NAME: 'layers'},
-                        unroll=min(cfg.scan_unroll, groups))
+                        unroll=scan_unroll(cfg.scan_unroll, groups))
       x_BxTxD, _ = scanned(*body_args, name='layers')(x_BxTxD, aux)
     else:
       if cfg.share_layers and self.decode:
