@@ -629,8 +629,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 # Command line.
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
-  if argv is None:  # the command line, not a call from Python: malloc that reuses pages (hostmem.py)
-    hostmem.reexec_with_tunables()
+  hostmem.reexec_with_tunables('flaxformer_lab.bench')  # CPU: malloc reusing pages (hostmem.py)
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)

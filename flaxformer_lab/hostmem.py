@@ -50,15 +50,20 @@ def should_reexec(environ=None) -> bool:
           and not accelerator_visible())
 
 
-def command_line() -> list[str]:
-  """This process's command again: `python -m <module> args` or `python <script> args`."""
+def main_module() -> str:
+  """The module this process runs as `python -m <module>` ('' for a script, -c or a REPL)."""
   spec = getattr(sys.modules.get('__main__'), '__spec__', None)
-  head = ['-m', spec.name] if spec is not None and spec.name else [sys.argv[0]]
-  return [sys.executable, *head, *sys.argv[1:]]
+  return (spec.name if spec is not None else '') or ''
 
 
-def reexec_with_tunables() -> None:
-  """Replaces this process (same pid) by the same command with `GLIBC_TUNABLES`; see above."""
+def reexec_with_tunables(module: str) -> None:
+  """Replaces this process (same pid) by the same command with `GLIBC_TUNABLES`; see above.
+
+  Only when this process is `python -m <module>` itself: a caller that imported the module and
+  calls its `main` (a test harness, a notebook) is never replaced.
+  """
+  if main_module() != module:
+    return
   try:
     if not should_reexec():
       return
@@ -67,4 +72,5 @@ def reexec_with_tunables() -> None:
     sys.exit(2)
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, command_line(), dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+  os.execve(sys.executable, [sys.executable, '-m', module, *sys.argv[1:]],
+            dict(os.environ, GLIBC_TUNABLES=TUNABLES))

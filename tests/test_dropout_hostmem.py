@@ -78,6 +78,14 @@ def test_hostmem_decides_from_the_environment(monkeypatch):
   assert not hostmem.should_reexec({})
 
 
+def test_hostmem_never_replaces_a_process_that_only_imported_the_module(monkeypatch):
+  """pytest's __main__ is not `python -m flaxformer_lab.main`: nothing is executed."""
+  monkeypatch.setattr(hostmem, 'should_reexec', lambda environ=None: True)
+  monkeypatch.setattr(hostmem.os, 'execve', lambda *a: pytest.fail(f'execve{a}'))
+  assert hostmem.main_module() != 'flaxformer_lab.main'
+  hostmem.reexec_with_tunables('flaxformer_lab.main')
+
+
 def test_accelerator_visible_follows_jax_platforms(monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
   assert hostmem.accelerator_visible()
