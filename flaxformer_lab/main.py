@@ -31,7 +31,7 @@ parse_flags = errors.parse_config_flags  # every flag/config error -> one line, 
 
 
 def main(argv):
-  hostmem.reexec_with_tunables('flaxformer_lab.main')  # CPU only: malloc that reuses XLA's buffer pages (hostmem.py)
+  hostmem.reexec_with_tunables('flaxformer_lab.main')  # CPU: malloc reusing pages (hostmem.py)
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if _WORKDIR.value is None:
