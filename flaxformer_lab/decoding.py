@@ -103,6 +103,51 @@ def gather_cache(cache: Any, axes: Any, index_B: jax.Array) -> Any:
   return jax.tree.map(lambda x, ax: x if ax < 0 else jnp.take(x, index_B, axis=ax), cache, axes)
 
 
+def add_beam_rows(cache: Any, axes: Any, groups: int, beams: int) -> Any:
+  """The cache with a `beam_rows` table [.., N, J, S] beside each self-attention cache.
+
+  Rows n*J + j of the cache become group n's J beams, each reading its own row at first (the rows
+  hold copies of the same prompt, so any would do). The attention layers then read every position
+  through the table and write each beam's new keys/values into its own row
+  (`Attention._update_cache`), so beam search reorders the table (`reorder_beam_rows`), not the
+  cache.
+  """
+  def walk(node, node_axes):
+    if not isinstance(node, dict):
+      return node
+    out = {name: walk(child, node_axes[name]) for name, child in node.items()}
+    if 'cached_key' in node:
+      x, ax = node['cached_key'], node_axes['cached_key']
+      shape = x.shape[:ax] + (groups, beams, x.shape[ax + 2])  # [.., B, G, S, K]: S after G
+      out['beam_rows'] = jnp.broadcast_to(
+          jnp.arange(beams, dtype=jnp.int32)[:, None], shape).astype(jnp.int32)
+    return out
+
+  return walk(cache, axes)
+
+
+def reorder_beam_rows(cache: Any, parent_NxJ: jax.Array) -> Any:
+  """Beam j of group n continues beam parent[n, j]: takes over its row table, nothing else moves.
+
+  Cross-attention caches are the same in every row of a group (one source per example) and the
+  self-attention keys/values stay where they were written; only `beam_rows` tables are permuted.
+  """
+  def walk(node):
+    if not isinstance(node, dict):
+      return node
+    out = {name: walk(child) for name, child in node.items()}
+    if 'beam_rows' in node:
+      table = node['beam_rows']
+      lead = table.ndim - 3  # a scanned stack's layer axis comes first
+      index = jnp.broadcast_to(parent_NxJ.reshape((1,) * lead + parent_NxJ.shape + (1,)),
+                               table.shape[:-1] + (1,))
+      out['beam_rows'] = jnp.take_along_axis(table, jnp.broadcast_to(index, table.shape),
+                                             axis=lead + 1)
+    return out
+
+  return walk(cache)
+
+
 def prefill(cfg: ModelConfig, params: Any, cache: Any, prompt_ids_BxL: jax.Array,
             prompt_lengths_B: jax.Array, source_ids_BxLs: Optional[jax.Array] = None,
             source_segment_ids_BxLs: Optional[jax.Array] = None,
@@ -130,53 +175,21 @@ def prefill(cfg: ModelConfig, params: Any, cache: Any, prompt_ids_BxL: jax.Array
   return logits, mutated['cache']
 
 
-def output_head(cfg: ModelConfig, params: Any):
-  """The LM head as `hidden [B, L, D] -> float32 logits [B, L, V]` with a tied table transposed
-  once, or None where the model's own head should be used (untied: its kernel is already [D, V];
-  factorized embeddings).
-
-  Computes what `heads.LMHead` computes for a tied table (optional d_model**-0.5 scale, x @ E^T,
-  optional bias), but against E^T [D, V] materialized once per generate call, outside the loop:
-  XLA CPU's matmul against the [V, D] table repacked it on every step (10-20% slower for the
-  decode benchmark's [32, 384] x [384, 50257] head; tests/test_decoding checks the logits agree).
-  """
-  if not _TRANSPOSED_HEAD or not cfg.tie_embeddings or cfg.embed_dim != cfg.d_model:
-    return None
-  dtype = jnp.dtype(cfg.dtype)
-  name = ('decoder_tokens' if cfg.family == 'encoder_decoder' and
-          not cfg.share_encoder_decoder_embeddings else 'tokens')
-  table_DxV = jnp.transpose(params[name]['embedding']).astype(dtype)
-  bias_V = params['lm_head']['bias'].astype(dtype) if cfg.logits_bias else None
-
-  def head(h_BxLxD):
-    h = h_BxLxD
-    if cfg.logits_scale_tied:
-      h = h * (cfg.d_model ** -0.5)
-    logits = jnp.einsum('bld,dv->blv', h.astype(dtype), table_DxV)
-    if bias_V is not None:
-      logits = logits + bias_V
-    return logits.astype(jnp.float32)
-
-  return head
-
-
-_TRANSPOSED_HEAD = True  # decode against a once-transposed tied table (`output_head`)
-
-
 def decode_step(cfg: ModelConfig, params: Any, cache: Any, tokens_B: jax.Array,
                 positions_B: jax.Array,
-                source_segment_ids_BxLs: Optional[jax.Array] = None,
-                head: Any = None) -> tuple[jax.Array, Any]:
+                source_segment_ids_BxLs: Optional[jax.Array] = None) -> tuple[jax.Array, Any]:
   """Feeds one token per example at its position; returns the next-token logits [B, V].
 
-  `head` (from `output_head`) replaces the model's LM head when given.
+  The model's own LM head: for a tied table that is x @ E^T against the [V, D] table, which XLA
+  CPU's YNNPACK matmul runs 1.4-1.7x faster than against a once-transposed [D, V] copy (jax
+  0.10.2; with the older Eigen matmuls it was the other way round).
   """
   model = _decode_model(cfg)
 
   def fn(m: Transformer):
     h_Bx1xD = m.decode_hidden(tokens_B[:, None], None, positions_B[:, None].astype(jnp.int32),
                               None, source_segment_ids_BxLs)
-    return (m.logits(h_Bx1xD) if head is None else head(h_Bx1xD))[:, 0]
+    return m.logits(h_Bx1xD)[:, 0]
 
   logits, mutated = model.apply({'params': params, 'cache': cache}, method=fn, mutable=['cache'])
   return logits, mutated['cache']
@@ -247,7 +260,6 @@ def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, r
                      0 if source_BxLs is None else source_BxLs.shape[1])
   logits, cache = prefill(cfg, params, cache, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
   greedy = o.strategy == 'greedy'
-  head = output_head(cfg, params)
 
   def choose(s):
     i = s['i']
@@ -272,7 +284,7 @@ def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, r
     i = s['i']
     last_B = jax.lax.dynamic_slice_in_dim(s['tokens'], i - 1, 1, axis=1)[:, 0]
     logits, new_cache = decode_step(cfg, params, s['cache'], last_B, lengths_B + i - 1,
-                                    src_seg_BxLs, head)
+                                    src_seg_BxLs)
     return choose(dict(s, logits=logits, cache=new_cache))
 
   def cond(s):
@@ -286,8 +298,41 @@ def _sample_or_greedy(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, r
               steps=state['i'])
 
 
-# Switches kept for A/B benchmarks (experiments/decode_benchmark); both True by default.
+# Switches kept for A/B benchmarks (experiments/decode_benchmark).
 _TWO_STAGE = True  # beam candidates in two top_k stages (`_beam_candidates`)
+# Beams share one cache through row tables (`add_beam_rows`) instead of gathering the cache on
+# every step. Attention then scores each query against all J rows of its group (J times the
+# attention FLOPs), so wide beams fall back to the gather.
+_SHARED_BEAM_CACHE = True
+MAX_SHARED_CACHE_BEAMS = 8
+
+
+TOP_K_CHUNK = 128  # `top_k_and_max`: chunk width of the first pass
+
+
+def top_k_and_max(x_BxV: jax.Array, m: int, chunk: int = TOP_K_CHUNK):
+  """(`jax.lax.top_k(x, m)` values, indices, row max [B, 1]), exactly, ties to the lower index.
+
+  In two passes over a row's chunks of `chunk` entries: the m best entries lie in the m chunks
+  with the best maxima (an entry outside them is beaten by those m maxima), so a top_k over the
+  chunk maxima (one `reduce_window` pass, which also gives the row max) picks m chunks, and a
+  top_k over their m * chunk entries finishes; positions past V read as -inf and, being last,
+  lose every tie. For the decode benchmark's [32, 50257] logits and m = 8, 0.28x the time of
+  `top_k` plus `max` over V on XLA CPU. Rows of at most m chunks take the plain top_k.
+  """
+  b, v = x_BxV.shape
+  nc = -(-v // chunk)
+  if nc <= m:
+    return (*jax.lax.top_k(x_BxV, m), jnp.max(x_BxV, axis=-1, keepdims=True))
+  chunk_max_BxC = jax.lax.reduce_window(x_BxV, -jnp.inf, jax.lax.max, (1, chunk), (1, chunk),
+                                        ((0, 0), (0, nc * chunk - v)))
+  peak_Bx1 = jnp.max(chunk_max_BxC, axis=-1, keepdims=True)
+  _, best_BxM = jax.lax.top_k(chunk_max_BxC, m)
+  best_BxM = jnp.sort(best_BxM, axis=-1)  # candidates in index order: ties still go low
+  index_BxMW = (best_BxM[:, :, None] * chunk + jnp.arange(chunk)).reshape(b, m * chunk)
+  cand_BxMW = jnp.take_along_axis(x_BxV, index_BxMW, axis=1, mode='fill', fill_value=-jnp.inf)
+  top_BxM, pos_BxM = jax.lax.top_k(cand_BxMW, m)
+  return top_BxM, jnp.take_along_axis(index_BxMW, pos_BxM, axis=1), peak_Bx1
 
 
 def _beam_candidates(logits_BKxV, alive_logp_BxK, m: int):
@@ -304,8 +349,7 @@ def _beam_candidates(logits_BKxV, alive_logp_BxK, m: int):
   b, k = alive_logp_BxK.shape
   logits = logits_BKxV.astype(jnp.float32)
   m1 = min(m, logits.shape[-1])  # a beam offers at most V tokens (wide beams, tiny vocabularies)
-  top_BKxM, tok_BKxM = jax.lax.top_k(logits, m1)
-  peak_BKx1 = jnp.max(logits, axis=-1, keepdims=True)
+  top_BKxM, tok_BKxM, peak_BKx1 = top_k_and_max(logits, m1)
   log_z_BKx1 = jnp.log(jnp.sum(jnp.exp(logits - peak_BKx1), axis=-1, keepdims=True))
   logp_BKxM = (top_BKxM - peak_BKx1) - log_z_BKx1
   cand_BxKM = (alive_logp_BxK[:, :, None] + logp_BKxM.reshape(b, k, m1)).reshape(b, k * m1)
@@ -331,10 +375,12 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
   ls = 0 if source_BxLs is None else source_BxLs.shape[1]
   cache = init_cache(cfg, params, b, l + n - 1, ls)
   logits_BxV, cache = prefill(cfg, params, cache, prompt_BxL, lengths_B, source_BxLs, src_seg_BxLs)
-  head = output_head(cfg, params)
   axes = _cache_batch_axes(cfg, params, l + n - 1, ls)
   tile = jnp.repeat(jnp.arange(b), k)  # [B*K]: beam j of example i is row i*K + j
   cache = gather_cache(cache, axes, tile)
+  shared = _SHARED_BEAM_CACHE and k <= MAX_SHARED_CACHE_BEAMS
+  if shared:
+    cache = add_beam_rows(cache, axes, b, k)
   lengths_BK = lengths_B[tile]
   src_seg_BKxLs = None if src_seg_BxLs is None else src_seg_BxLs[tile]
   v = logits_BxV.shape[-1]
@@ -378,13 +424,14 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
     worst = jnp.min(jnp.where(fin_flag, fin_score, -jnp.inf), axis=1)
     done = ~any_alive | (alive_logp[:, 0] / max_penalty(i) < worst)
     return dict(s, i=i + 1, alive_seq=alive_seq, alive_logp=alive_logp, last=last.reshape(-1),
-                cache=gather_cache(s['cache'], axes, rows),
+                cache=(reorder_beam_rows(s['cache'], parent) if shared else
+                       gather_cache(s['cache'], axes, rows)),
                 fin_seq=fin_seq, fin_score=fin_score,
                 fin_flag=fin_flag, done=jnp.all(done))
 
   def body(s):
     logits, new_cache = decode_step(cfg, params, s['cache'], s['last'], lengths_BK + s['i'] - 1,
-                                    src_seg_BKxLs, head)
+                                    src_seg_BKxLs)
     return choose(dict(s, logits=logits, cache=new_cache))
 
   def cond(s):

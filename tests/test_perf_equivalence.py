@@ -233,7 +233,7 @@ def test_fast_loss_equals_the_old_formulation_through_the_model(family, smoothin
     assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale
 
 
-# --- decoding: two-stage beam candidates, transposed output head -----------------------------------
+# --- decoding: two-stage beam candidates, chunked top_k, shared beam cache ----------------------
 @pytest.mark.parametrize('k, v', [(4, 50), (3, 5), (8, 6)])  # the last two: 2K > V (wide beams)
 def test_two_stage_beam_candidates_equal_one_top_k_over_all_extensions(k, v):
   from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
@@ -249,19 +249,72 @@ def test_two_stage_beam_candidates_equal_one_top_k_over_all_extensions(k, v):
   np.testing.assert_array_equal(tok, idx % v)
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(logits_scale_tied=True, logits_bias=True),
-                                dict(family='encoder_decoder', share_encoder_decoder_embeddings=False),
-                                dict(tie_embeddings=False)])
-def test_decode_output_head_equals_the_models_lm_head(kw):
+@pytest.mark.parametrize('v, chunk', [(1000, 16), (1024, 16), (50, 16), (1000, 7)])
+def test_top_k_and_max_equals_lax_top_k(v, chunk):
   from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
-  cfg = tiny(**{'family': 'decoder', **kw})
-  params = init(cfg)
-  if cfg.logits_bias:
-    params['lm_head']['bias'] = 0.1 * jnp.arange(cfg.vocab_size, dtype=jnp.float32)
-  head = decoding.output_head(cfg, params)
-  if not cfg.tie_embeddings:
-    assert head is None  # the untied kernel is already [D, V]
-    return
-  h = jax.random.normal(jax.random.PRNGKey(2), (2, 1, cfg.d_model))
-  want = build_model(cfg).apply({'params': params}, h, method='logits')
-  np.testing.assert_allclose(head(h), want, rtol=1e-6, atol=1e-6)
+  m = 8
+  x = np.random.RandomState(0).randn(6, v).astype(np.float32)
+  x[0, :] = 1.0  # every entry tied: the m lowest indices win
+  x[1, 3:3 + 40] = 5.0  # ties spread over several chunks
+  x[2, :] = -np.inf
+  x[2, v - 3:] = [1.0, 2.0, 3.0]  # fewer than m finite entries, all in the last chunk
+  x[3, ::chunk] = 9.0  # each chunk's max at its first entry: all chunks tie
+  want_top, want_idx = jax.lax.top_k(jnp.asarray(x), m)
+  top, idx, peak = decoding.top_k_and_max(jnp.asarray(x), m, chunk=chunk)
+  np.testing.assert_array_equal(top, want_top)
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_array_equal(peak[:, 0], x.max(axis=1))
+
+
+@pytest.mark.parametrize('t, h, g', [(1, 4, 4), (1, 4, 2), (3, 6, 3)])
+def test_grouped_attention_equals_attention_on_the_gathered_cache(t, h, g):
+  """A row table read equals attention on keys/values copied into place (the brute force)."""
+  n, j, s, k = 3, 4, 9, 8
+  rng = np.random.RandomState(0)
+  q = jnp.asarray(rng.randn(n * j, t, h, k).astype(np.float32))
+  keys = rng.randn(n * j, g, s, k).astype(np.float32)
+  values = rng.randn(n * j, g, s, k).astype(np.float32)
+  rows = rng.randint(0, j, (n, j, s)).astype(np.int32)
+  visible = jnp.asarray(rng.rand(n * j, 1, t, s) > 0.3)
+  bias = jnp.asarray(rng.randn(n * j, h, t, s).astype(np.float32))
+  src = (np.arange(n)[:, None, None] * j + rows).reshape(n * j, s)  # [B, S] physical row
+  gather = lambda x: jnp.asarray(x[src, :, np.arange(s)[None, :]].transpose(0, 2, 1, 3))
+  want = einsum_attention(q, gather(keys), gather(values), mask_Bx1xTxS=visible,
+                          bias_BxHxTxS=bias, scale=0.3, kv_heads_major=True)
+  got = einsum_attention(q, jnp.asarray(keys), jnp.asarray(values), mask_Bx1xTxS=visible,
+                         bias_BxHxTxS=bias, scale=0.3, kv_heads_major=True,
+                         kv_rows_NxJxS=jnp.asarray(rows))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('kw, unroll', [(dict(family='decoder', position='rope', num_kv_heads=2),
+                                         True),
+                                        (dict(family='decoder', position='learned'), False),
+                                        (dict(family='encoder_decoder', position='relative_bias'), True)])
+def test_shared_beam_cache_equals_reordering_the_cache(kw, unroll):
+  """Beam search through row tables returns what gathering the whole cache per step returns."""
+  from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
+  cfg = tiny(num_layers=2, **kw)
+  params = jax.tree.map(lambda x: 6.0 * x, init(cfg))  # peaky outputs: beams that diverge
+  rng = np.random.RandomState(0)
+  prompt = rng.randint(3, cfg.vocab_size, (3, 5)).astype(np.int32)
+  lengths = np.array([5, 2, 3], np.int32)
+  call = dict(max_new_tokens=9, strategy='beam', num_beams=4, length_penalty=0.6, eos_id=4,
+              unroll_layers=unroll)
+  if cfg.family == 'encoder_decoder':
+    prompt, lengths = None, None
+    call.update(source_ids=rng.randint(3, cfg.vocab_size, (3, 6)).astype(np.int32))
+  outs = []
+  for shared in (True, False):
+    decoding._SHARED_BEAM_CACHE = shared  # pylint: disable=protected-access
+    decoding._compiled.cache_clear()  # pylint: disable=protected-access
+    try:
+      outs.append(jax.device_get(decoding.generate(cfg, params, prompt, lengths, **call)))
+    finally:
+      decoding._SHARED_BEAM_CACHE = True  # pylint: disable=protected-access
+  decoding._compiled.cache_clear()  # pylint: disable=protected-access
+  got, want = outs
+  assert len({tuple(row) for row in want['beam_tokens'].reshape(-1, 9)}) > 3  # beams differ
+  for name in ('tokens', 'lengths', 'beam_tokens', 'beam_lengths', 'steps'):
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  np.testing.assert_allclose(got['beam_scores'], want['beam_scores'], rtol=1e-5, atol=1e-5)

@@ -65,20 +65,29 @@ def _mask_parts(mask: Any):
 def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
                      scale: float, dropout_rate: float = 0.0, dropout_rng=None,
                      deterministic: bool = True, dtype=jnp.float32, kv_heads_major: bool = False,
-                     dropout_bits: int = 32):
+                     dropout_bits: int = 32, kv_rows_NxJxS=None):
   """The reference implementation: explicit scores, float32 softmax, optional weight dropout.
 
   `mask_Bx1xTxS` is an `AttentionMask` (its additive bias is used) or a boolean array.
   `kv_heads_major`: keys and values come as [B, G, S, K] (the decode cache's layout) instead of
   [B, S, G, K].
+  `kv_rows_NxJxS` (int, with `kv_heads_major`): the B = N * J rows form N groups of J (row n*J + j)
+  and row (n, j)'s key/value at position s is stored in row (n, kv_rows[n, j, s]) of its group: a
+  beam-search cache whose beams share history through this small table instead of copies
+  (`grouped_scores`, `grouped_values`).
   """
   b, t, h, k = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[1 if kv_heads_major else 2]
   kv = 'bgsk' if kv_heads_major else 'bsgk'
   visible, mask_bias, _ = _mask_parts(mask_Bx1xTxS)
   q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k)
-  scores_BxGxRxTxS = jnp.einsum(f'btgrk,{kv}->bgrts', q_BxTxGxRxK, k_BxSxGxK,
-                                preferred_element_type=jnp.float32) * scale
+  if kv_rows_NxJxS is not None:
+    if not kv_heads_major:
+      raise ValueError('kv_rows_NxJxS needs keys/values in the heads-major cache layout')
+    scores_BxGxRxTxS = grouped_scores(q_BxTxGxRxK, k_BxSxGxK, kv_rows_NxJxS) * scale
+  else:
+    scores_BxGxRxTxS = jnp.einsum(f'btgrk,{kv}->bgrts', q_BxTxGxRxK, k_BxSxGxK,
+                                  preferred_element_type=jnp.float32) * scale
   if bias_BxHxTxS is not None:
     bb = bias_BxHxTxS.shape[0]
     scores_BxGxRxTxS = scores_BxGxRxTxS + bias_BxHxTxS.astype(jnp.float32).reshape(
@@ -93,8 +102,60 @@ def einsum_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias
   weights = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
   if not deterministic and dropout_rate > 0.0:
     weights = apply_dropout(weights, dropout_rng, dropout_rate, dropout_bits)
-  out = jnp.einsum(f'bgrts,{kv}->btgrk', weights.astype(dtype), v_BxSxGxK.astype(dtype))
+  if kv_rows_NxJxS is not None:
+    out = grouped_values(weights.astype(dtype), v_BxSxGxK.astype(dtype), kv_rows_NxJxS)
+  else:
+    out = jnp.einsum(f'bgrts,{kv}->btgrk', weights.astype(dtype), v_BxSxGxK.astype(dtype))
   return out.reshape(b, t, h, k)
+
+
+def _row_one_hot(kv_rows_NxJxS):
+  """[N, P, J, S] bool: beam (n, j) reads position s from row (n, p) of its group."""
+  j = kv_rows_NxJxS.shape[1]
+  return kv_rows_NxJxS[:, None] == jnp.arange(j, dtype=kv_rows_NxJxS.dtype)[:, None, None]
+
+
+def grouped_scores(q_BxTxGxRxK, k_BxGxSxK, kv_rows_NxJxS):
+  """Attention scores [B, G, R, T, S] (float32) with keys read through a group row table.
+
+  Each query row is scored against the keys of every row P of its group (J times the work of
+  plain attention, which at beam widths <= 8 costs far less than copying the cache), as a matmul
+  batched over (group, row, kv head) so that the cache is read in place, never transposed; each
+  position's score is then taken from the row the table names (a select, and a sum over P terms
+  of which one is nonzero: the same dot product, exactly).
+  """
+  n, j, s = kv_rows_NxJxS.shape
+  b, t, g, r, k = q_BxTxGxRxK.shape
+  q_NxPxGxJRTxK = jnp.broadcast_to(
+      jnp.transpose(q_BxTxGxRxK.reshape(n, j, t, g, r, k), (0, 3, 1, 4, 2, 5))[:, None],
+      (n, j, g, j, r, t, k)).reshape(n, j, g, j * r * t, k)
+  keys_NxPxGxSxK = k_BxGxSxK.reshape(n, j, g, s, k)
+  # Keys as the left operand ([S, K] x [K, J*R*T] per batch): 0.6x the time of q @ k^T for these
+  # small shapes on XLA CPU (YNNPACK), as fast as plain single-query attention.
+  all_NxPxGxSxJxRxT = jnp.einsum('npgsk,npgqk->npgsq', keys_NxPxGxSxK, q_NxPxGxJRTxK,
+                                 preferred_element_type=jnp.float32).reshape(n, j, g, s, j, r, t)
+  pick = jnp.swapaxes(_row_one_hot(kv_rows_NxJxS), 2, 3)[:, :, None, :, :, None, None]
+  scores_NxGxSxJxRxT = jnp.sum(jnp.where(pick, all_NxPxGxSxJxRxT, 0.0), axis=1)
+  return jnp.transpose(scores_NxGxSxJxRxT, (0, 3, 1, 4, 5, 2)).reshape(b, g, r, t, s)
+
+
+def grouped_values(weights_BxGxRxTxS, v_BxGxSxK, kv_rows_NxJxS):
+  """sum_s weights[.., s] * value of position s read through the group row table: [B, T, G, R, K].
+
+  The weights are spread over the rows P of the group (zero except at the row the table names)
+  and multiplied with each row's values in place (a matmul batched over group, row and kv head),
+  then summed over P.
+  """
+  n, j, s = kv_rows_NxJxS.shape
+  b, g, r, t, _ = weights_BxGxRxTxS.shape
+  w_NxGxJxRxTxS = jnp.transpose(weights_BxGxRxTxS.reshape(n, j, g, r, t, s), (0, 2, 1, 3, 4, 5))
+  pick = _row_one_hot(kv_rows_NxJxS)[:, :, None, :, None, None]  # [N, P, 1, J, 1, 1, S]
+  w_NxPxGxJxRxTxS = jnp.where(pick, w_NxGxJxRxTxS[:, None], jnp.zeros((), w_NxGxJxRxTxS.dtype))
+  values_NxPxGxSxK = v_BxGxSxK.reshape(n, j, g, s, -1)
+  part = jnp.einsum('npgqs,npgsk->npgqk', w_NxPxGxJxRxTxS.reshape(n, j, g, j * r * t, s),
+                    values_NxPxGxSxK)
+  out_NxGxJxRxTxK = jnp.sum(part, axis=1).reshape(n, g, j, r, t, -1)
+  return jnp.transpose(out_NxGxJxRxTxK, (0, 2, 4, 1, 3, 5)).reshape(b, t, g, r, -1)
 
 
 def library_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, mask_Bx1xTxS=None, bias_BxHxTxS=None,
@@ -180,8 +241,9 @@ class Attention(nn.Module):
       k = apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_fraction)
 
     heads_major = False  # k/v as [B, G, S, K]: the decode cache's layout
+    kv_rows = None  # a beam-search cache's row table (`_update_cache`)
     if self.decode:
-      k, v, heads_major = self._update_cache(k, v, positions_BxT)
+      k, v, heads_major, kv_rows = self._update_cache(k, v, positions_BxT)
 
     q = constrain(q, ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv'))
     kv_axes = ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv')
@@ -190,7 +252,7 @@ class Attention(nn.Module):
     k = constrain(k, kv_axes)
     v = constrain(v, kv_axes)
     scale = cfg.head_width ** -0.5 if cfg.attention_scale else 1.0
-    if cfg.attention_backend == 'einsum':
+    if cfg.attention_backend == 'einsum' or kv_rows is not None:
       dropout_rng = None
       if not self.deterministic and cfg.attention_dropout_rate > 0:
         dropout_rng = self.make_rng('dropout')
@@ -198,7 +260,7 @@ class Attention(nn.Module):
                              scale=scale, dropout_rate=cfg.attention_dropout_rate,
                              dropout_rng=dropout_rng, deterministic=self.deterministic,
                              dtype=dtype, kv_heads_major=heads_major,
-                             dropout_bits=cfg.dropout_bits)
+                             dropout_bits=cfg.dropout_bits, kv_rows_NxJxS=kv_rows)
     else:
       if not self.deterministic and cfg.attention_dropout_rate > 0:
         raise ValueError(
@@ -220,12 +282,19 @@ class Attention(nn.Module):
     return y
 
   def _update_cache(self, k, v, positions_BxT):
-    """Writes this call's keys/values into the cache; returns (keys, values, heads_major).
+    """Writes this call's keys/values into the cache; returns (keys, values, heads_major, rows).
 
     The cache is stored heads-major, [B, G, S, K], the layout both attention products read
     without a transpose: with [B, S, G, K] XLA CPU transposed every layer's whole cache on every
     decode step (13% of a beam-search step in a profile). The init call returns the given
     [B, S, G, K] keys/values (heads_major False).
+
+    A self-attention cache may also hold `beam_rows` [N, J, S] int32 (put there by the decoding
+    loop, `decoding.add_beam_rows`): the B = N * J rows are N groups of J beams, and beam (n, j)'s
+    key/value at position s is in row (n, beam_rows[n, j, s]). Each call writes row (n, j)'s new
+    keys/values into its own row and points its table there; beam search reorders beams by
+    permuting the table (a few hundred integers) instead of gathering the whole cache. `rows` is
+    that table, or None.
     """
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, G, K] -> [B, G, S, K]
     if self.is_cross:
@@ -236,15 +305,25 @@ class Attention(nn.Module):
         ck.value, cv.value = heads_major(k), heads_major(v)
       elif not initialized:
         raise ValueError('cross-attention cache is empty: pass the encoder output on the first call')
-      return ck.value, cv.value, True
+      return ck.value, cv.value, True, None
     initialized = self.has_variable('cache', 'cached_key')
     ck = self.variable('cache', 'cached_key', lambda: jnp.zeros_like(heads_major(k)))
     cv = self.variable('cache', 'cached_value', lambda: jnp.zeros_like(heads_major(v)))
     if not initialized:  # init call: the cache takes the shape of the (full-length) dummy input
-      return k, v, False
+      return k, v, False, None
     start_B = positions_BxT[:, 0].astype(jnp.int32)
     write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype),
                                                                   (0, s, 0)))
     ck.value = write(ck.value, heads_major(k), start_B)
     cv.value = write(cv.value, heads_major(v), start_B)
-    return ck.value.astype(k.dtype), cv.value.astype(v.dtype), True
+    rows = None
+    if self.has_variable('cache', 'beam_rows'):
+      table = self.variable('cache', 'beam_rows', lambda: None)
+      n, j, s = table.value.shape
+      pos_S = jnp.arange(s, dtype=jnp.int32)
+      start_NxJx1 = start_B.reshape(n, j, 1)
+      written = (pos_S >= start_NxJx1) & (pos_S < start_NxJx1 + k.shape[1])
+      own = jnp.arange(j, dtype=table.value.dtype)[None, :, None]
+      table.value = jnp.where(written, own, table.value)
+      rows = table.value
+    return ck.value.astype(k.dtype), cv.value.astype(v.dtype), True, rows
