@@ -266,6 +266,20 @@ def test_top_k_and_max_equals_lax_top_k(v, chunk):
   np.testing.assert_array_equal(peak[:, 0], x.max(axis=1))
 
 
+def test_first_argmax_and_token_log_prob_equal_argmax_and_log_softmax():
+  from flaxformer_lab import decoding  # pylint: disable=g-import-not-at-top
+  x = np.random.RandomState(0).randn(5, 300).astype(np.float32)
+  x[0, [7, 9, 200]] = 10.0  # tied maxima: the first wins
+  x[1, :] = -3.0  # all tied
+  x[2, :5] = -np.inf
+  x = jnp.asarray(x)
+  peak = jnp.max(x, axis=-1, keepdims=True)
+  tok = decoding.first_argmax(x, peak)
+  np.testing.assert_array_equal(tok, jnp.argmax(x, axis=-1))
+  want = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], axis=-1)[:, 0]
+  np.testing.assert_array_equal(decoding.token_log_prob(x, peak, tok), want)  # bit-identical
+
+
 @pytest.mark.parametrize('t, h, g', [(1, 4, 4), (1, 4, 2), (3, 6, 3)])
 def test_grouped_attention_equals_attention_on_the_gathered_cache(t, h, g):
   """A row table read equals attention on keys/values copied into place (the brute force)."""
