@@ -31,7 +31,8 @@ positions, as the train loop's `tokens_key` does). Timings on a machine shared w
 not comparable between runs: the load average (1 min) is recorded at the start and the end.
 
 `--profile=DIR` writes a jax.profiler trace of a few steps (TensorBoard / Perfetto) and prints the
-compiled step's most expensive XLA ops.
+compiled step's most expensive XLA ops (on accelerators from the device's op line, on XLA CPU from
+its thread pool's), each with the model code it came from (the HLO's op_name metadata).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -106,6 +108,7 @@ class LabStep:
   xla_flops: Optional[float]
   memory_bytes: Optional[int]
   mesh_context: Callable[[], Any]
+  hlo_text: str = ''  # the compiled step's HLO, to name the ops of a profile
 
 
 def build_lab_step(config, host_batch) -> LabStep:
@@ -139,7 +142,14 @@ def build_lab_step(config, host_batch) -> LabStep:
     t2 = time.perf_counter()
   return LabStep(setup.model_cfg, state['params'], lambda s, b: compiled(s, b, *extra), state,
                  batch, t2 - t1, t1 - t0, _xla_flops(compiled), _xla_memory(compiled),
-                 mesh_context)
+                 mesh_context, _hlo_text(compiled))
+
+
+def _hlo_text(compiled) -> str:
+  try:
+    return compiled.as_text() or ''
+  except Exception:  # pylint: disable=broad-except
+    return ''
 
 
 def _xla_flops(compiled) -> Optional[float]:
@@ -509,12 +519,26 @@ def profile(lab: LabStep, state, directory: str, steps: int = 3) -> dict[str, An
         with jax.profiler.StepTraceAnnotation('train', step_num=i):
           state, _ = lab.compiled(state, lab.batch)
           jax.block_until_ready(state)
-  top = _top_ops(directory)
+  top = _top_ops(directory, hlo_text=lab.hlo_text)
   return dict(directory=directory, top_ops=top)
 
 
-def _top_ops(directory: str, n: int = 15) -> list[dict[str, Any]]:
-  """The most expensive XLA ops of the trace (total time over the traced steps), if readable."""
+_CPU_BOOKKEEPING = re.compile(r'ThunkExecutor::|SlinkyThreadPool::|ThreadpoolListener::|end: |'
+                              r'while(\.\d+)?$|conditional(\.\d+)?$|call(\.\d+)?$')
+
+
+def _op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the op_name metadata of the model code it came from."""
+  names = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text,
+                       re.MULTILINE):
+    names.setdefault(m.group(1), m.group(2))
+  return names
+
+
+def _top_ops(directory: str, n: int = 15, hlo_text: str = '') -> list[dict[str, Any]]:
+  """The most expensive XLA ops of the trace (total time over the traced steps), if readable,
+  each with the model code it came from where the compiled HLO names it (`source`)."""
   import glob  # pylint: disable=g-import-not-at-top
   files = sorted(glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True))
   if not files:
@@ -526,12 +550,17 @@ def _top_ops(directory: str, n: int = 15) -> list[dict[str, Any]]:
   totals: dict[str, float] = {}
   for plane in data.planes:
     for line in plane.lines:
-      if 'XLA Ops' not in line.name and 'Ops' != line.name:
+      # Accelerators: an 'XLA Ops' line per device. XLA CPU: its thunks run on the 'XLAEigen'
+      # thread pool's lines, between the executor's own bookkeeping events.
+      if 'XLA Ops' not in line.name and 'Ops' != line.name and 'XLAEigen' not in line.name:
         continue
       for ev in line.events:
+        if _CPU_BOOKKEEPING.match(ev.name):
+          continue
         totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns / 1e6
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
-  return [dict(op=k, ms=v) for k, v in ranked]
+  names = _op_names(hlo_text) if hlo_text else {}
+  return [dict(op=k, ms=v, source=names.get(k, '')) for k, v in ranked]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,11 +586,30 @@ def _config_summary(config) -> dict[str, Any]:
   return out
 
 
+_ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'asimd', 'sve')
+
+
+def cpu_description() -> str:
+  """The host CPU's model name and its vector extensions (Linux /proc/cpuinfo), e.g.
+  'Intel(R) Xeon(R) Processor (avx2 avx512f amx_bf16)'. Speeds on this project's shared CPU
+  hosts differ by host and day; this names which one a measurement came from."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = re.search(r'^(?:model name|Model)\s*:\s*(.+)$', info, re.MULTILINE)
+  flags = re.search(r'^(?:flags|Features)\s*:\s*(.+)$', info, re.MULTILINE)
+  have = set(flags.group(1).split()) if flags else set()
+  isa = ' '.join(f for f in _ISA_FLAGS if f in have)
+  return (name.group(1).strip() if name else platform.machine()) + (f' ({isa})' if isa else '')
+
+
 def _machine() -> dict[str, Any]:
   dev = jax.devices()[0]
   return dict(platform=dev.platform, device_kind=getattr(dev, 'device_kind', ''),
               devices=jax.device_count(), cpu_cores=os.cpu_count(), python=platform.python_version(),
-              jax=jax.__version__, host=platform.machine(),
+              jax=jax.__version__, host=platform.machine(), cpu=cpu_description(),
               xla_flags=os.environ.get('XLA_FLAGS', ''),
               glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
 
@@ -612,8 +660,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
   r0 = results[0]
   m = r0['machine']
   hf = r0.get('hf', {})
-  lines += ['', f'Machine: {m["platform"]} {m["device_kind"]}, {m["cpu_cores"]} CPU cores, '
-            f'jax {m["jax"]}' + (f', torch {hf["torch"]} ({hf["threads"]} threads)'
+  lines += ['', f'Machine: {m["platform"]} {m["device_kind"]}, {m["cpu_cores"]} CPU cores'
+            + (f' of {m["cpu"]}' if m.get('cpu') else '') + f', jax {m["jax"]}' + (f', torch {hf["torch"]} ({hf["threads"]} threads)'
                                  if 'torch' in hf else '') +
             (f', transformers {hf["transformers"]}' if 'transformers' in hf else '') +
             f'. GLIBC_TUNABLES={m.get("glibc_tunables") or "(unset)"}'
@@ -673,7 +721,7 @@ def main(argv=None):
   if result.get('profile', {}).get('top_ops'):
     print(f'\nprofile written to {result["profile"]["directory"]}; most expensive XLA ops:')
     for op in result['profile']['top_ops']:
-      print(f'  {op["ms"]:9.2f} ms  {op["op"]}')
+      print(f'  {op["ms"]:9.2f} ms  {op["op"]:28s} {op.get("source", "")[-90:]}')
   if fl.json:
     with open(fl.json, 'w') as f:
       json.dump(result, f, indent=2, default=str)

@@ -323,8 +323,8 @@ _TWO_STAGE = True  # beam candidates in two top_k stages (`_beam_candidates`)
 # Beams share one cache through row tables (`add_beam_rows`) instead of gathering the cache on
 # every step. Attention then scores each query against all J rows of its group (J times the
 # attention FLOPs), so wide beams fall back to the gather: on the decode benchmark's model (XLA
-# CPU, 2 cores) the tables took 0.92x the time of the gather at 4 beams x 8 examples, 0.94x at
-# 8 x 4, and 1.00x at 16 x 4.
+# CPU, 2 cores) the tables took 0.88-0.93x the time of the gather at 4 beams x 8 examples, 0.95x
+# at 8 x 4, and 1.00x at 16 x 4.
 _SHARED_BEAM_CACHE = True
 MAX_SHARED_CACHE_BEAMS = 8
 

@@ -122,6 +122,21 @@ def test_command_line_writes_json_and_markdown(tmp_path, capsys):
   assert 'lab tokens/s' in capsys.readouterr().out
 
 
+def test_profile_names_the_xla_ops_and_their_model_code(tmp_path):
+  """`--profile` on XLA CPU: the trace's most expensive ops, each traced back to the model code
+  (op_name metadata) it came from; the head matmul of a wide vocabulary ranks first."""
+  c = config('gpt2:tiny', num_layers=1, d_model=32, num_heads=2, mlp_dim=64, vocab_size=4096)
+  c.batch_size, c.data.seq_len = 4, 64
+  result = bench.run(c, steps=1, rounds=1, warmup=1, profile_dir=str(tmp_path / 'trace'))
+  top = result['profile']['top_ops']
+  assert top and all(op['ms'] > 0 for op in top)
+  assert top == sorted(top, key=lambda op: -op['ms'])
+  assert not any(bench._CPU_BOOKKEEPING.match(op['op']) for op in top)  # pylint: disable=protected-access
+  heads = [op for op in top[:3] if 'lm_head' in op['source'] and 'dot_general' in op['source']]
+  assert heads, top[:3]
+  assert bench.cpu_description() in bench.markdown([result])
+
+
 def test_command_line_rejects_an_unknown_key(capsys):
   code = bench.main(['bench', '--config=configs/gpt2.py:tiny', '--config.model.num_layayers=1'])
   assert code == 2

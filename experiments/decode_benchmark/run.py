@@ -30,6 +30,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
 
 from flaxformer_lab.presets import gpt2 as gpt2_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flaxformer_lab import bench  # pylint: disable=wrong-import-position
 from flaxformer_lab import decoding  # pylint: disable=wrong-import-position
 from flaxformer_lab.models.config import ModelConfig  # pylint: disable=wrong-import-position
 from flaxformer_lab.models.transformer import build_model  # pylint: disable=wrong-import-position
@@ -207,7 +208,8 @@ def main(argv=None):
            f'{args.new_tokens} new tokens, no stop token; best of {args.repeats} calls after a '
            f'warm-up; lab layers {"scanned" if args.scanned_decode else "unrolled"} while '
            f'decoding. Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at '
-           f'the end. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, '
+           f'the end. Machine: {platform.machine()}, {os.cpu_count()} CPU cores of '
+           f'{bench.cpu_description()}, '
            f'{platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}), '
            f'torch {torch_version} ({device}, {args.threads} threads), transformers {hf_version}.')
   report = f'Command: `{command.strip()}`\n\n{setup}\n\n{table}\n'
