@@ -119,8 +119,7 @@ def add_beam_rows(cache: Any, axes: Any, groups: int, beams: int) -> Any:
     if 'cached_key' in node:
       x, ax = node['cached_key'], node_axes['cached_key']
       shape = x.shape[:ax] + (groups, beams, x.shape[ax + 2])  # [.., B, G, S, K]: S after G
-      out['beam_rows'] = jnp.broadcast_to(
-          jnp.arange(beams, dtype=jnp.int32)[:, None], shape).astype(jnp.int32)
+      out['beam_rows'] = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], shape)
     return out
 
   return walk(cache, axes)
@@ -139,8 +138,7 @@ def reorder_beam_rows(cache: Any, parent_NxJ: jax.Array) -> Any:
     if 'beam_rows' in node:
       table = node['beam_rows']
       lead = table.ndim - 3  # a scanned stack's layer axis comes first
-      index = jnp.broadcast_to(parent_NxJ.reshape((1,) * lead + parent_NxJ.shape + (1,)),
-                               table.shape[:-1] + (1,))
+      index = parent_NxJ.reshape((1,) * lead + parent_NxJ.shape + (1,))
       out['beam_rows'] = jnp.take_along_axis(table, jnp.broadcast_to(index, table.shape),
                                              axis=lead + 1)
     return out
