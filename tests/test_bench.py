@@ -124,16 +124,19 @@ def test_command_line_writes_json_and_markdown(tmp_path, capsys):
 
 def test_profile_names_the_xla_ops_and_their_model_code(tmp_path):
   """`--profile` on XLA CPU: the trace's most expensive ops, each traced back to the model code
-  (op_name metadata) it came from; the head matmul of a wide vocabulary ranks first."""
-  c = config('gpt2:tiny', num_layers=1, d_model=32, num_heads=2, mlp_dim=64, vocab_size=4096)
+  (op_name metadata) it came from; the head matmuls of a wide vocabulary are among them."""
+  c = config('gpt2:tiny', num_layers=1, d_model=32, num_heads=2, mlp_dim=64, vocab_size=8192)
   c.batch_size, c.data.seq_len = 4, 64
   result = bench.run(c, steps=1, rounds=1, warmup=1, profile_dir=str(tmp_path / 'trace'))
   top = result['profile']['top_ops']
   assert top and all(op['ms'] > 0 for op in top)
   assert top == sorted(top, key=lambda op: -op['ms'])
   assert not any(bench._CPU_BOOKKEEPING.match(op['op']) for op in top)  # pylint: disable=protected-access
-  heads = [op for op in top[:3] if 'lm_head' in op['source'] and 'dot_general' in op['source']]
-  assert heads, top[:3]
+  # Op times vary with load (CI runs tests two at a time), so no rank is asserted: the head's
+  # three matmuls (forward, two gradients) are among the 15 listed, and most ops have a source.
+  heads = [op for op in top if 'lm_head' in op['source'] and 'dot_general' in op['source']]
+  assert len(heads) >= 2, top
+  assert sum(bool(op['source']) for op in top) >= len(top) // 2, top
   assert bench.cpu_description() in bench.markdown([result])
 
 
