@@ -108,7 +108,7 @@ class LabStep:
   xla_flops: Optional[float]
   memory_bytes: Optional[int]
   mesh_context: Callable[[], Any]
-  hlo_text: str = ''  # the compiled step's HLO, to name the ops of a profile
+  hlo_text: Callable[[], str] = lambda: ''  # the compiled step's HLO (names a profile's ops)
 
 
 def build_lab_step(config, host_batch) -> LabStep:
@@ -142,7 +142,7 @@ def build_lab_step(config, host_batch) -> LabStep:
     t2 = time.perf_counter()
   return LabStep(setup.model_cfg, state['params'], lambda s, b: compiled(s, b, *extra), state,
                  batch, t2 - t1, t1 - t0, _xla_flops(compiled), _xla_memory(compiled),
-                 mesh_context, _hlo_text(compiled))
+                 mesh_context, lambda: _hlo_text(compiled))
 
 
 def _hlo_text(compiled) -> str:
@@ -519,7 +519,7 @@ def profile(lab: LabStep, state, directory: str, steps: int = 3) -> dict[str, An
         with jax.profiler.StepTraceAnnotation('train', step_num=i):
           state, _ = lab.compiled(state, lab.batch)
           jax.block_until_ready(state)
-  top = _top_ops(directory, hlo_text=lab.hlo_text)
+  top = _top_ops(directory, hlo_text=lab.hlo_text())
   return dict(directory=directory, top_ops=top)
 
 
@@ -660,8 +660,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
   r0 = results[0]
   m = r0['machine']
   hf = r0.get('hf', {})
-  lines += ['', f'Machine: {m["platform"]} {m["device_kind"]}, {m["cpu_cores"]} CPU cores'
-            + (f' of {m["cpu"]}' if m.get('cpu') else '') + f', jax {m["jax"]}' + (f', torch {hf["torch"]} ({hf["threads"]} threads)'
+  cpu = f' of {m["cpu"]}' if m.get('cpu') else ''
+  lines += ['', f'Machine: {m["platform"]} {m["device_kind"]}, {m["cpu_cores"]} CPU cores{cpu}, '
+            f'jax {m["jax"]}' + (f', torch {hf["torch"]} ({hf["threads"]} threads)'
                                  if 'torch' in hf else '') +
             (f', transformers {hf["transformers"]}' if 'transformers' in hf else '') +
             f'. GLIBC_TUNABLES={m.get("glibc_tunables") or "(unset)"}'

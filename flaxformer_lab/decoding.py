@@ -131,19 +131,14 @@ def reorder_beam_rows(cache: Any, parent_NxJ: jax.Array) -> Any:
   Cross-attention caches are the same in every row of a group (one source per example) and the
   self-attention keys/values stay where they were written; only `beam_rows` tables are permuted.
   """
-  def walk(node):
-    if not isinstance(node, dict):
-      return node
-    out = {name: walk(child) for name, child in node.items()}
-    if 'beam_rows' in node:
-      table = node['beam_rows']
-      lead = table.ndim - 3  # a scanned stack's layer axis comes first
-      index = parent_NxJ.reshape((1,) * lead + parent_NxJ.shape + (1,))
-      out['beam_rows'] = jnp.take_along_axis(table, jnp.broadcast_to(index, table.shape),
-                                             axis=lead + 1)
-    return out
+  def reorder(path, x):
+    if getattr(path[-1], 'key', None) != 'beam_rows':
+      return x
+    lead = x.ndim - 3  # a scanned stack's layer axis comes first
+    index = parent_NxJ.reshape((1,) * lead + parent_NxJ.shape + (1,))
+    return jnp.take_along_axis(x, jnp.broadcast_to(index, x.shape), axis=lead + 1)
 
-  return walk(cache)
+  return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
 def prefill(cfg: ModelConfig, params: Any, cache: Any, prompt_ids_BxL: jax.Array,
@@ -438,14 +433,13 @@ def _beam_search(o: _Options, d: _Dynamic, params, prompt_BxL, lengths_B, source
     alive_seq = jnp.take_along_axis(seq_BxMxN, alive_idx[:, :, None], axis=1)
     parent = jnp.take_along_axis(parent_BxM, alive_idx, axis=1)
     last = jnp.take_along_axis(tok_BxM, alive_idx, axis=1)
-    rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
     # Done: nothing alive, or K finished and no alive beam can reach the worst of them.
     any_alive = alive_logp[:, 0] > NEG / 2
     worst = jnp.min(jnp.where(fin_flag, fin_score, -jnp.inf), axis=1)
     done = ~any_alive | (alive_logp[:, 0] / max_penalty(i) < worst)
     return dict(s, i=i + 1, alive_seq=alive_seq, alive_logp=alive_logp, last=last.reshape(-1),
-                cache=(reorder_beam_rows(s['cache'], parent) if shared else
-                       gather_cache(s['cache'], axes, rows)),
+                cache=(reorder_beam_rows(s['cache'], parent) if shared else gather_cache(
+                    s['cache'], axes, (jnp.arange(b)[:, None] * k + parent).reshape(-1))),
                 fin_seq=fin_seq, fin_score=fin_score,
                 fin_flag=fin_flag, done=jnp.all(done))
 
