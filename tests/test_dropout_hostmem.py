@@ -13,7 +13,7 @@ import pytest
 
 from flaxformer_lab import hostmem
 from flaxformer_lab.models.config import ConfigError, ModelConfig
-from flaxformer_lab.models.dropout import Dropout, applied_rate, keep_mask
+from flaxformer_lab.models.dropout import Dropout, applied_rate, keep_mask, random_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +58,30 @@ def test_odd_sizes_and_keys_give_different_masks(bits):
   b = keep_mask(jax.random.key(1), 0.5, (3, 5, 7), bits)
   assert a.shape == (3, 5, 7) and a.dtype == jnp.bool_
   assert bool(jnp.any(a != b))
+
+
+@pytest.mark.parametrize('key', [
+    lambda: jax.random.key(42), lambda: jax.random.PRNGKey(3),
+    lambda: jax.random.fold_in(jax.random.split(jax.random.key(9))[1], 123),
+    lambda: jax.random.key(5, impl='rbg'), lambda: jax.random.key(5, impl='unsafe_rbg')])
+def test_random_words_are_jax_random_bits_bit_for_bit(key):
+  """The unrolled threefry (and the fallback for other PRNGs) gives jax.random.bits' words, jitted
+  and not, for sizes odd and even, so every dropout mask is what it was before."""
+  for n in (1, 2, 7, 1000, 65537):
+    want = np.asarray(jax.random.bits(key(), (n,), jnp.uint32))
+    np.testing.assert_array_equal(np.asarray(random_words(key(), n)), want)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(random_words, static_argnums=1)(key(), n)), want)
+
+
+def test_threefry_words_are_straight_line_ops():
+  """No threefry2x32 primitive (lowered on the CPU as a rolled `while` loop) in the mask's jaxpr:
+  XLA can fuse the hash into the compare and select that consume it."""
+  jaxpr = str(jax.make_jaxpr(lambda k: keep_mask(k, 0.1, (64, 33), 16))(jax.random.key(0)))
+  assert 'threefry2x32' not in jaxpr and 'while' not in jaxpr
+  rbg = str(jax.make_jaxpr(lambda k: keep_mask(k, 0.1, (64, 33), 16))(
+      jax.random.key(0, impl='rbg')))
+  assert 'random_bits' in rbg  # other implementations keep jax.random.bits
 
 
 def test_config_refuses_other_bit_widths():
