@@ -295,6 +295,47 @@ def test_attention_dropout_is_applied_in_training_only():
   np.testing.assert_array_equal(c, d)
 
 
+def test_feed_forward_hidden_dropout_is_activation_dropout_rate_only():
+  """The feed-forward hidden units are dropped at `activation_dropout_rate` (T5, BART), not at
+  `dropout_rate` (GPT-2, BERT and the paper drop only the residual branches): with dropout_rate
+  0.5 and no activation dropout the MLP is deterministic; with activation dropout 0.5 it equals
+  wo(mask * act(wi x) / 0.5) for the mask that keep_mask draws from the same key."""
+  from flaxformer_lab.models.dropout import keep_mask  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+  cfg = tiny(family='decoder', dropout_rate=0.5)
+  v = nn.meta.unbox(Mlp(cfg).init(jax.random.PRNGKey(1), x))
+  rngs = {'dropout': jax.random.key(3)}
+  np.testing.assert_array_equal(Mlp(cfg, deterministic=False).apply(v, x, rngs=rngs),
+                                Mlp(cfg).apply(v, x))
+  cfg = tiny(family='decoder', dropout_rate=0.0, activation_dropout_rate=0.5)
+  got = Mlp(cfg, deterministic=False).apply(v, x, rngs=rngs)
+  p = v['params']
+  h = jax.nn.gelu(x @ p['wi']['kernel'] + p['wi']['bias'], approximate=False)
+  assert np.abs(np.asarray(got - Mlp(cfg).apply(v, x))).max() > 1e-3
+  keys = _dropout_keys_seen(cfg, v, x, rngs)
+  assert len(keys) == 1  # the hidden units' dropout, and no other
+  mask = keep_mask(keys[0], 0.5, h.shape, cfg.dropout_bits)
+  want = jnp.where(mask, h / 0.5, 0.0) @ p['wo']['kernel'] + p['wo']['bias']
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _dropout_keys_seen(cfg, v, x, rngs):
+  """The keys the Mlp's dropout layers draw (intercepted from keep_mask)."""
+  from flaxformer_lab.models import dropout as dropout_lib  # pylint: disable=g-import-not-at-top
+  seen, original = [], dropout_lib.keep_mask
+
+  def spy(rng, rate, shape, bits=32):
+    seen.append(rng)
+    return original(rng, rate, shape, bits)
+
+  dropout_lib.keep_mask = spy
+  try:
+    Mlp(cfg, deterministic=False).apply(v, x, rngs=rngs)
+  finally:
+    dropout_lib.keep_mask = original
+  return seen
+
+
 # --- positions -------------------------------------------------------------------------------------
 def test_sinusoidal_table_is_the_papers_formula():
   length, d = 50, 16

@@ -653,7 +653,8 @@ class T5(Family):
         scale_embedding=False, embedding_norm=False, share_encoder_decoder_embeddings=True,
         tie_embeddings=tied, logits_scale_tied=bool(scale) and tied, logits_bias=False,
         pad_id=0 if pad is None else int(pad), share_layers=0,
-        dropout_rate=drop, attention_dropout_rate=drop, head=spec.head)
+        dropout_rate=drop, attention_dropout_rate=drop, activation_dropout_rate=drop,
+        head=spec.head)
 
   def hf_config(self, cfg, arch):
     if cfg.activation not in _T5_LAB_TO_HF_FF:
@@ -764,7 +765,8 @@ class Bart(Family):
         logits_bias=spec.head == 'seq2seq_lm',
         pad_id=(58100 if self.marian else 1) if pad is None else int(pad), share_layers=0,
         dropout_rate=float(hf.get('dropout', 0.1)),
-        attention_dropout_rate=float(hf.get('attention_dropout', 0.0)), head=spec.head)
+        attention_dropout_rate=float(hf.get('attention_dropout', 0.0)),
+        activation_dropout_rate=float(hf.get('activation_dropout', 0.0)), head=spec.head)
 
   def hf_config(self, cfg, arch):
     out = dict(
@@ -774,7 +776,8 @@ class Bart(Family):
         decoder_attention_heads=cfg.decoder_stack.num_heads,
         encoder_ffn_dim=cfg.hidden_dim, decoder_ffn_dim=cfg.decoder_stack.hidden_dim,
         activation_function=_hf_act(cfg.activation, 'activation'), dropout=cfg.dropout_rate,
-        attention_dropout=cfg.attention_dropout_rate, activation_dropout=0.0,
+        attention_dropout=cfg.attention_dropout_rate,
+        activation_dropout=cfg.activation_dropout_rate,
         max_position_embeddings=cfg.max_len - (0 if self.marian else 2),
         scale_embedding=cfg.scale_embedding, pad_token_id=cfg.pad_id,
         tie_word_embeddings=cfg.tie_embeddings or cfg.head != 'seq2seq_lm',

@@ -102,8 +102,12 @@ class ModelConfig:
   share_layers: int = 0  # cross-layer sharing: number of parameter groups (ALBERT: 1); 0 = none
 
   # --- regularization ------------------------------------------------------------------------------
-  dropout_rate: float = 0.1  # dropout on embeddings, residual branches and MLP hidden units
+  dropout_rate: float = 0.1  # dropout on embeddings and residual branches
   attention_dropout_rate: float = 0.1  # dropout on attention weights
+  # Dropout on the feed-forward hidden units, after the activation (Hugging Face's
+  # `activation_dropout`): T5 and BART drop there, the paper's Transformer, BERT, GPT-2 and Marian
+  # do not.
+  activation_dropout_rate: float = 0.0
   classifier_dropout: float = 0.1  # dropout before a classification head
   # Random bits per dropout decision (models/dropout.py): 32 is flax's Dropout; 16 and 8 split one
   # PRNG word into 2 or 4 decisions (rate rounded to a multiple of 2**-bits). 16 measured 0.85x
@@ -283,7 +287,8 @@ class ModelConfig:
           f'use one of the families {", ".join(head_family[self.head])}')
     if self.head in ('mlm_nsp', 'nsp') and not self.pooler:
       raise ConfigError(f'model.head={self.head!r} needs model.pooler=True')
-    for name in ('dropout_rate', 'attention_dropout_rate', 'classifier_dropout'):
+    for name in ('dropout_rate', 'attention_dropout_rate', 'activation_dropout_rate',
+                 'classifier_dropout'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ConfigError(f'model.{name} must be in [0, 1), got {getattr(self, name)}')
     if self.rope_fraction <= 0 or self.rope_fraction > 1:

@@ -125,6 +125,7 @@ class Mlp(nn.Module):
       h_BxLxF = h_BxLxF * Dense(cfg.hidden_dim, ('embed', 'mlp'), cfg.mlp_bias, dtype, init,
                                 name='wi_gate')(x_BxLxD)
     h_BxLxF = constrain(h_BxLxF, ('activation_batch', 'activation_length', 'activation_mlp'))
-    h_BxLxF = Dropout(cfg.dropout_rate, cfg.dropout_bits)(h_BxLxF, deterministic=self.deterministic)
+    h_BxLxF = Dropout(cfg.activation_dropout_rate, cfg.dropout_bits)(
+        h_BxLxF, deterministic=self.deterministic)
     return Dense(x_BxLxD.shape[-1], ('mlp', 'embed'), cfg.mlp_bias, dtype,
                  self.kernel_init or normal_init(cfg, cfg.hidden_dim), name='wo')(h_BxLxF)

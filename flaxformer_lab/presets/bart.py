@@ -45,7 +45,8 @@ def get_config(arg=None):
       final_norm=False,  # bart-base has no final layer norm
       norm_eps=1e-5,  # torch LayerNorm default
       activation='gelu',  # activation_function='gelu' (exact)
-      dropout_rate=0.1,  # dropout (activation_dropout is also 0.1 in bart-base)
+      dropout_rate=0.1,  # dropout
+      activation_dropout_rate=0.1,  # activation_dropout
       attention_dropout_rate=0.1,  # attention_dropout
       tie_embeddings=True,  # lm_head reuses the shared table
       logits_bias=True,  # final_logits_bias (a zero buffer in Hugging Face, learned here)

@@ -47,7 +47,7 @@ def get_config(arg=None):
       final_norm=False,  # no norm after the stacks
       norm_eps=1e-5,  # torch LayerNorm default
       activation='silu',  # activation_function='swish'
-      dropout_rate=0.1,  # dropout (Hugging Face's activation_dropout is 0: ours also drops there)
+      dropout_rate=0.1,  # dropout (activation_dropout: 0, the default)
       attention_dropout_rate=0.0,  # attention_dropout
       tie_embeddings=True,  # lm_head reuses the shared table
       logits_bias=True,  # final_logits_bias (a zero buffer in Hugging Face, learned here)

@@ -71,6 +71,7 @@ def get_config(arg=None):
       activation='relu',  # feed_forward_proj='relu' (v1.0; v1.1 uses gated GELU)
       dropout_rate=0.1,  # dropout_rate
       attention_dropout_rate=0.1,  # T5 applies dropout_rate to the attention weights too
+      activation_dropout_rate=0.1,  # and to the feed-forward hidden units (T5DenseActDense)
       tie_embeddings=True,  # lm_head = shared (v1.0)
       logits_scale_tied=True,  # decoder output * d_model**-0.5 before the tied projection
       logits_bias=False,  # no output bias
