@@ -233,6 +233,59 @@ def test_fast_loss_equals_the_old_formulation_through_the_model(family, smoothin
     assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale
 
 
+# --- the tied head's backward pass --------------------------------------------------------------
+@pytest.mark.parametrize('dtype, rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_tied_logits_backward_equals_autodiff_of_the_einsum(dtype, rtol):
+  from flaxformer_lab.models.embedding import tied_logits  # pylint: disable=g-import-not-at-top
+  kx, ke, kc = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (3, 7, 16), jnp.float32).astype(dtype)
+  table = jax.random.normal(ke, (50, 16), jnp.float32).astype(dtype)
+  cot = jax.random.normal(kc, (3, 7, 50), jnp.float32).astype(dtype)
+
+  def vjp(fn):
+    out, pullback = jax.vjp(fn, x, table)
+    return (out,) + pullback(cot)
+
+  plain = lambda a, e: jnp.einsum('ble,ve->blv', a, e)
+  got, want = jax.jit(lambda: vjp(tied_logits))(), jax.jit(lambda: vjp(plain))()
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=rtol, atol=rtol)
+  # The independent reference for the table's gradient: sum over (b, l) of cot[b,l,v] * x[b,l,e].
+  brute = np.einsum('blv,ble->ve', np.asarray(cot, np.float64), np.asarray(x, np.float64))
+  np.testing.assert_allclose(np.asarray(got[2], np.float64), brute, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize('family, head', [('decoder', 'lm'), ('encoder', 'mlm'),
+                                          ('encoder_decoder', 'seq2seq_lm')])
+def test_tied_head_loss_and_gradients_equal_the_plain_einsum(family, head, monkeypatch):
+  """Whole model, cross entropy on a fixed batch: custom backward vs autodiff of x @ E^T."""
+  from flaxformer_lab.models import embedding  # pylint: disable=g-import-not-at-top
+  cfg = tiny(family=family, head=head, tie_embeddings=True)
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  model = build_model(cfg)
+  seg = kw.get('decoder_segment_ids', kw['segment_ids'])
+  targets = jax.random.randint(jax.random.PRNGKey(3), seg.shape, 1, cfg.vocab_size)
+  weights = (seg > 0).astype(jnp.float32)
+
+  def run():
+    def f(p):
+      s = losses.cross_entropy(model.apply({'params': p}, **kw)['logits'], targets, weights)
+      return s[0] / s[3]
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  new, new_g = run()
+  monkeypatch.setattr(embedding, 'tied_logits', lambda a, e: jnp.einsum('ble,ve->blv', a, e))
+  old, old_g = run()
+  np.testing.assert_allclose(new, old, rtol=1e-5)
+  assert_trees_close(new_g, old_g)
+  # The table's gradient has two paths (lookup and head): it is where a wrong backward shows.
+  np.testing.assert_allclose(new_g['tokens']['embedding'], old_g['tokens']['embedding'],
+                             rtol=1e-5, atol=1e-6)
+
+
 # --- decoding: two-stage beam candidates, chunked top_k, shared beam cache ----------------------
 @pytest.mark.parametrize('k, v', [(4, 50), (3, 5), (8, 6)])  # the last two: 2K > V (wide beams)
 def test_two_stage_beam_candidates_equal_one_top_k_over_all_extensions(k, v):

@@ -34,7 +34,35 @@ class TokenTable(nn.Module):
 
   def attend(self, x_BxLxE, dtype):
     """Logits against the table: x @ E^T."""
-    return jnp.einsum('ble,ve->blv', x_BxLxE.astype(dtype), self.embedding.astype(dtype))
+    return tied_logits(x_BxLxE.astype(dtype), self.embedding.astype(dtype))
+
+
+@jax.custom_vjp
+def tied_logits(x_BxLxE, table_VxE):
+  """x @ E^T ([B, L, V]), with a backward pass that never transposes the [B, L, V] cotangent.
+
+  Autodiff of the einsum asks for dE = dlogits^T @ x, and XLA:CPU lays that out by copying the
+  whole [B, L, V] cotangent into a transposed buffer first (4096 x 8192 floats, 128 MB, in the
+  GPT-2 benchmark row) before the matmul. Here dE is computed as (x^T @ dlogits)^T: the same
+  contraction over (B, L), whose only transpose is of the [E, V] result. Same values (float
+  rounding aside; tests/test_perf_equivalence), on every backend.
+  """
+  return jnp.einsum('ble,ve->blv', x_BxLxE, table_VxE)
+
+
+def _tied_logits_fwd(x_BxLxE, table_VxE):
+  return tied_logits(x_BxLxE, table_VxE), (x_BxLxE, table_VxE)
+
+
+def _tied_logits_bwd(residuals, dlogits_BxLxV):
+  x_BxLxE, table_VxE = residuals
+  dlogits_BxLxV = dlogits_BxLxV.astype(x_BxLxE.dtype)
+  dx_BxLxE = jnp.einsum('blv,ve->ble', dlogits_BxLxV, table_VxE)
+  dtable_ExV = jnp.einsum('ble,blv->ev', x_BxLxE, dlogits_BxLxV)
+  return dx_BxLxE, dtable_ExV.T.astype(table_VxE.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class Embeddings(nn.Module):
