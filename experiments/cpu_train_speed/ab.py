@@ -18,6 +18,7 @@ patching the objective while the step is traced (the patch is undone before the 
   loop       model.scan_layers = False
   rbg / unsafe_rbg / threefry   config.rng_impl (the dropout keys' PRNG)
   bits8 / bits16 / bits32   model.dropout_bits (random bits per dropout decision)
+  einsumhead the tied head as autodiff of x @ E^T (before the custom backward of embedding.tied_logits)
   nodrop     all dropout off (a reference, not a lever)
 
 Variants combine levers with '+', e.g. `--variants=base,loss+unroll+unsafe_rbg`.
@@ -90,6 +91,10 @@ def variant(config, levers: list[str]):
       stack.enter_context(patched(tasks_base, 'cross_entropy', losses.cross_entropy))
     elif lever == 'refloss':
       stack.enter_context(patched(tasks_base, 'cross_entropy', losses.reference_cross_entropy))
+    elif lever == 'einsumhead':
+      from flaxformer_lab.models import embedding  # pylint: disable=g-import-not-at-top
+      stack.enter_context(patched(embedding, 'tied_logits',
+                                  lambda x, e: jax.numpy.einsum('ble,ve->blv', x, e)))
     elif lever == 'oldmask':
       stack.enter_context(patched(transformer_lib, 'attention_mask', transformer_lib.visible_keys))
     elif lever == 'masked':
