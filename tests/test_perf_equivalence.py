@@ -203,15 +203,19 @@ def test_masked_positions_are_refused_for_other_heads():
 
 
 # --- the fast cross entropy through a model --------------------------------------------------------
+def model_and_lm_batch(cfg):
+  """(model, params, inputs, targets, weights): a padded batch with random targets on real tokens."""
+  params = init(cfg)
+  kw = padded_inputs(cfg)
+  seg = kw.get('decoder_segment_ids', kw['segment_ids'])
+  targets = jax.random.randint(jax.random.PRNGKey(3), seg.shape, 1, cfg.vocab_size)
+  return build_model(cfg), params, kw, targets, (seg > 0).astype(jnp.float32)
+
+
 @pytest.mark.parametrize('family, smoothing', [('decoder', 0.0), ('encoder_decoder', 0.1)])
 def test_fast_loss_equals_the_old_formulation_through_the_model(family, smoothing):
   cfg = tiny(family=family)
-  params = init(cfg)
-  kw = padded_inputs(cfg)
-  model = build_model(cfg)
-  seg = kw.get('decoder_segment_ids', kw['segment_ids'])
-  targets = jax.random.randint(jax.random.PRNGKey(3), seg.shape, 1, cfg.vocab_size)
-  weights = (seg > 0).astype(jnp.float32)
+  model, params, kw, targets, weights = model_and_lm_batch(cfg)
 
   def loss(fn):
     def f(p):
@@ -263,12 +267,7 @@ def test_tied_head_loss_and_gradients_equal_the_plain_einsum(family, head, monke
   """Whole model, cross entropy on a fixed batch: custom backward vs autodiff of x @ E^T."""
   from flaxformer_lab.models import embedding  # pylint: disable=g-import-not-at-top
   cfg = tiny(family=family, head=head, tie_embeddings=True)
-  params = init(cfg)
-  kw = padded_inputs(cfg)
-  model = build_model(cfg)
-  seg = kw.get('decoder_segment_ids', kw['segment_ids'])
-  targets = jax.random.randint(jax.random.PRNGKey(3), seg.shape, 1, cfg.vocab_size)
-  weights = (seg > 0).astype(jnp.float32)
+  model, params, kw, targets, weights = model_and_lm_batch(cfg)
 
   def run():
     def f(p):
