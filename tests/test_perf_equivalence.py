@@ -12,6 +12,7 @@ import pytest
 
 from flaxformer_lab import losses
 from flaxformer_lab.models import transformer as transformer_lib
+from flaxformer_lab.models import attention as attention_lib
 from flaxformer_lab.models.attention import AttentionMask, einsum_attention
 from flaxformer_lab.models.config import ConfigError, ModelConfig
 from flaxformer_lab.models.heads import gather_positions
@@ -120,6 +121,116 @@ def test_mask_is_built_once_and_marked_causal_only_where_a_fused_kernel_may_use_
   other = jnp.broadcast_to(jnp.arange(6) + 3, (2, 6))  # queries at other positions than keys
   assert not transformer_lib.attention_mask(seg, seg, True, q_index_BxT=other,
                                             k_index_BxS=index).causal
+
+
+# --- causal attention in query blocks --------------------------------------------------------------
+def test_causal_query_blocks_cover_the_sequence_in_blocks_of_at_least_the_minimum():
+  for t, blocks in [(256, 4), (200, 4), (100, 4), (64, 4), (1000, 3), (130, 1)]:
+    edges = attention_lib.causal_query_blocks(t, blocks)
+    assert edges[0][0] == 0 and edges[-1][1] == t
+    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    assert len(edges) == max(1, min(blocks, t // attention_lib.MIN_QUERY_BLOCK))
+    assert len(edges) == 1 or min(e - s for s, e in edges) >= attention_lib.MIN_QUERY_BLOCK
+
+
+def causal_case(t=200, b=2, h=4, g=2, k=8):
+  """q, k, v and a causal AttentionMask with two packed segments in row 0 and right padding."""
+  r = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(r[0], (b, t, h, k))
+  kk = jax.random.normal(r[1], (b, t, g, k))
+  v = jax.random.normal(r[2], (b, t, g, k))
+  seg = np.ones((b, t), np.int32)
+  seg[0, 90:] = 2
+  seg[1, 150:] = 0
+  index = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = transformer_lib.attention_mask(jnp.asarray(seg), jnp.asarray(seg), causal=True,
+                                        q_index_BxT=index, k_index_BxS=index)
+  bias = jax.random.normal(r[3], (1, h, t, t))  # a relative-position bias, broadcast over rows
+  return q, kk, v, mask, bias
+
+
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_causal_blocked_attention_equals_full_attention_with_gradients(with_bias):
+  q, kk, v, mask, bias = causal_case()
+  bias = bias if with_bias else None
+  assert mask.causal and bool(jnp.all(jnp.any(mask.visible, -1)))  # every query sees a key
+
+  def f(fn, **kw):
+    return jax.jit(jax.value_and_grad(
+        lambda q, kk, v: jnp.sum(jnp.sin(fn(q, kk, v, mask_Bx1xTxS=mask, bias_BxHxTxS=bias,
+                                            scale=0.3, **kw))), argnums=(0, 1, 2)))(q, kk, v)
+
+  full, full_g = f(einsum_attention)
+  got, got_g = f(attention_lib.causal_blocked_attention, blocks=4)
+  assert len(attention_lib.causal_query_blocks(200, 4)) == 3  # uneven blocks: 66, 67, 67 rows
+  np.testing.assert_allclose(got, full, rtol=1e-5)
+  assert_trees_close(got_g, full_g, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_blocked_attention_gives_a_keyless_query_its_blocks_uniform_average():
+  q, kk, v, mask, _ = causal_case(t=128)
+  hidden = mask.visible.at[1, 0, 70].set(False)  # query 70 (second block, keys 0..127) sees none
+  mask = AttentionMask.from_visible(hidden, causal=True)
+  out = attention_lib.causal_blocked_attention(q, kk, v, mask_Bx1xTxS=mask, scale=0.3, blocks=2)
+  np.testing.assert_allclose(out[1, 70], jnp.repeat(jnp.mean(v[1, :128], 0), 2, axis=0),
+                             rtol=1e-5, atol=1e-6)
+  full = einsum_attention(q, kk, v, mask_Bx1xTxS=mask, scale=0.3)
+  np.testing.assert_allclose(jnp.delete(out, 70, axis=1), jnp.delete(full, 70, axis=1),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_causal_blocked_attention_dropout_is_unbiased_and_differs_between_blocks(monkeypatch):
+  q, kk, _, mask, _ = causal_case(t=256, b=4)
+  ones = jnp.ones_like(kk)  # every output is then the sum of the kept (rescaled) weights
+  keys, plain = [], attention_lib.einsum_attention
+
+  def recording(*args, dropout_rng=None, **kwargs):
+    keys.append(np.asarray(jax.random.key_data(dropout_rng)).tobytes())
+    return plain(*args, dropout_rng=dropout_rng, **kwargs)
+
+  monkeypatch.setattr(attention_lib, 'einsum_attention', recording)
+  out = attention_lib.causal_blocked_attention(
+      q, kk, ones, mask_Bx1xTxS=mask, scale=0.3, blocks=4, dropout_rate=0.3,
+      dropout_rng=jax.random.PRNGKey(5), deterministic=False)
+  real = np.asarray(mask.visible[:, 0].any(-1))  # [B, T]
+  per_query = np.asarray(out[..., 0])[real]  # [N, H]
+  assert abs(per_query.mean() - 1.0) < 0.02  # E[kept / (1 - rate)] = 1
+  assert per_query.std() > 0.05  # dropout did act
+  # Each block draws its bits from its own key (one key's bits at overlapping counters would tie
+  # the masks of different blocks together).
+  assert len(keys) == 4 and len(set(keys)) == 4
+
+
+def test_causal_blocked_attention_refuses_non_causal_masks():
+  q, kk, v, mask, _ = causal_case(t=128)
+  with pytest.raises(ValueError, match='causal'):
+    attention_lib.causal_blocked_attention(q, kk, v, mask_Bx1xTxS=mask.replace(causal=False),
+                                           scale=1.0, blocks=2)
+
+
+@pytest.mark.parametrize('kw', [dict(family='decoder'),
+                                dict(family='decoder', position='rope', num_kv_heads=2),
+                                dict(family='encoder_decoder', position='relative_bias')])
+def test_model_with_causal_attention_blocks_equals_one_block(kw, monkeypatch):
+  cfg = tiny(max_len=256, num_layers=2, causal_attention_blocks=1, **kw)
+  params = init(cfg)
+  inputs = padded_inputs(cfg, l=192)
+  want = loss_and_grads(cfg, params, inputs)
+  query_lengths = []
+  plain = attention_lib.einsum_attention
+
+  def recording(q, *args, **kwargs):
+    query_lengths.append(q.shape[1])
+    return plain(q, *args, **kwargs)
+
+  monkeypatch.setattr(attention_lib, 'einsum_attention', recording)
+  got = loss_and_grads(cfg.replace(causal_attention_blocks=4), params, inputs)
+  assert 64 in query_lengths  # the decoder's self-attention ran in 3 blocks of 64 queries
+  assert 192 in query_lengths or cfg.family == 'decoder'  # an encoder / cross-attention: one block
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  assert_trees_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match='causal_attention_blocks'):
+    cfg.replace(causal_attention_blocks=0)
 
 
 # --- scan unrolling --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ patching the objective while the step is traced (the patch is undone before the 
   rbg / unsafe_rbg / threefry   config.rng_impl (the dropout keys' PRNG)
   bits8 / bits16 / bits32   model.dropout_bits (random bits per dropout decision)
   einsumhead the tied head as autodiff of x @ E^T (before the custom backward of embedding.tied_logits)
+  blocksN    model.causal_attention_blocks = N (causal attention in N query blocks; 1 = off)
   nodrop     all dropout off (a reference, not a lever)
 
 Variants combine levers with '+', e.g. `--variants=base,loss+unroll+unsafe_rbg`.
@@ -119,6 +120,8 @@ def variant(config, levers: list[str]):
       config.rng_impl = 'threefry2x32' if lever == 'threefry' else lever
     elif lever in ('bits8', 'bits16', 'bits32'):
       config.model.dropout_bits = int(lever[4:])
+    elif lever.startswith('blocks') and lever[6:].isdigit():
+      config.model.causal_attention_blocks = int(lever[6:])
     elif lever == 'nodrop':
       config.model.dropout_rate = 0.0
       config.model.attention_dropout_rate = 0.0
